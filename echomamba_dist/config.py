@@ -1,0 +1,400 @@
+"""Typed configuration: dataclasses filled from YAML, dicts and `key=value` overrides.
+
+Every field has a docstring-style comment and every dataclass checks itself in `__post_init__`.
+`from_dict` rejects unknown keys and wrongly typed values with an error naming the dotted key, so
+a typo never silently falls back to a default (the RecBole global dict is what we avoid).
+
+The model section is polymorphic: `model.name` picks a registered model, whose own config
+dataclass (see `echomamba_dist.models.registry`) parses the remaining keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, or its value has the wrong type or range."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and bad values raise ConfigError.
+
+    Args:
+        cls: a dataclass type.
+        data: a mapping of field names to values (nested mappings for nested dataclasses).
+        prefix: the dotted path of `data` inside the whole config, used in error messages.
+    Returns:
+        An instance of `cls`; fields missing from `data` keep their defaults.
+    Raises:
+        ConfigError: naming the dotted key that is unknown, mistyped or out of range.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; valid keys{' of ' + prefix if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if prefix and not str(exc).startswith(prefix):
+            raise ConfigError(f"{prefix}.{exc}") from None
+        raise
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data (YAML/JSON-safe) form of a config dataclass, recursively."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings to a nested dict (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: an override without `=`, or with an empty key.
+    """
+    out = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.001")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """The built-in synthetic interaction log (see `echomamba_dist.data.synthetic`)."""
+
+    n_users: int = 2000  # number of users generated
+    n_items: int = 500  # size of the item catalogue
+    n_topics: int = 10  # latent topics that drive item-to-item transitions
+    mean_length: float = 12.0  # mean interactions per user (geometric-ish, at least min_length)
+    min_length: int = 5  # every user gets at least this many interactions
+    popularity_skew: float = 1.0  # Zipf exponent of item popularity inside a topic
+    topic_stickiness: float = 0.8  # probability that the next item stays in the current topic
+    seed: int = 0  # generator seed
+
+    def __post_init__(self) -> None:
+        for name in ("n_users", "n_items", "n_topics", "min_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n_topics > self.n_items:
+            raise ConfigError(f"n_topics: must be <= n_items ({self.n_items}), got {self.n_topics}")
+        if self.mean_length < self.min_length:
+            raise ConfigError(f"mean_length: must be >= min_length ({self.min_length})")
+        if not 0.0 <= self.topic_stickiness <= 1.0:
+            raise ConfigError(f"topic_stickiness: must be in [0, 1], got {self.topic_stickiness}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which prepared dataset to train on, and how sequences become model input."""
+
+    path: str | None = None  # a directory written by `echomamba prepare`; None: the synthetic set
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_len: int = 50  # sequences keep their most recent `max_len` items
+    bucketing: bool = False  # group batches by length and pad each only to its longest sequence
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop; defaults are the paper's settings (§4.1)."""
+
+    epochs: int = 300  # at most this many epochs
+    patience: int = 10  # stop after this many epochs without a better validation NDCG@10
+    batch_size: int = 2048  # global batch; each of W workers takes batch_size // W
+    eval_batch_size: int = 4096  # users scored at once in validation and test
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay (never applied to A_log, D, norms, biases)
+    grad_clip: float | None = None  # clip the global gradient norm to this value, if set
+    seed: int = 42  # seeds torch, numpy and the sample shuffle
+    num_workers: int = 1  # Ray Train workers (DDP world size)
+    use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per training worker
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda" when called directly
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (GPU); the scan state stays fp32
+    scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
+    metric: str = "ndcg@10"  # validation metric for early stopping and checkpoint selection
+    ks: list[int] = field(default_factory=lambda: [10])  # cut-offs for HR/NDCG/MRR/Recall
+    exclude_history: bool = False  # mask the user's history items when ranking (paper: off)
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    progress: bool = True  # progress bars (only shown when stdout is a terminal)
+    fail_at_step: int | None = None  # fault injection: kill worker rank 1 (or 0) once at this step
+    ray: bool = True  # run through Ray Train (False: the per-worker function in this process)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"patience: must be >= 0, got {self.patience}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.batch_size % self.num_workers:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
+            )
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
+        name, _, k = self.metric.partition("@")
+        if name not in ("hr", "ndcg", "mrr", "recall") or not k.isdigit():
+            raise ConfigError(f"metric: expected e.g. ndcg@10, got {self.metric!r}")
+        if int(k) not in self.ks:
+            raise ConfigError(f"metric: cut-off {k} of {self.metric} is not in ks={self.ks}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a run lives. A stable name makes a restarted run resume its checkpoints."""
+
+    name: str = "echomamba4rec-synthetic"  # run name: checkpoints live in storage_path/name
+    storage_path: str = "runs"  # local directory (or shared storage on a cluster)
+    resume: bool = True  # continue from the latest checkpoint of the same name if there is one
+    keep_checkpoints: int = 2  # best k checkpoints kept (Ray CheckpointConfig)
+    max_failures: int = 3  # worker failures tolerated before the run fails (Ray FailureConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"name: expected a plain directory name, got {self.name!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking. The URI comes from here, else MLFLOW_TRACKING_URI, else ./mlruns."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "echomamba"
+
+    def resolved_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        return (Path.cwd() / "mlruns").resolve().as_uri()
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """Everything one training run needs: data, model, training, run location and tracking."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None  # a registered model's config dataclass; None: EchoMamba4Rec defaults
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None or isinstance(self.model, dict):
+            self.model = model_config_from_dict(self.model or {}, prefix="model")
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+
+def model_config_from_dict(data: dict[str, Any], *, prefix: str = "model") -> Any:
+    """Parse the model section: `name` picks the registered config dataclass for the rest."""
+    from echomamba_dist.models.registry import model_config_class
+
+    data = dict(data)
+    name = data.get("name", "echomamba4rec")
+    if not isinstance(name, str):
+        raise ConfigError(f"{prefix}.name: expected a model name, got {name!r}")
+    try:
+        cls = model_config_class(name)
+    except KeyError as exc:
+        raise ConfigError(f"{prefix}.name: {exc.args[0]}") from None
+    data["name"] = name
+    return from_dict(cls, data, prefix=prefix)
+
+
+def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build an ExperimentConfig from a nested dict (e.g. parsed YAML), validating every key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    model = model_config_from_dict(data.pop("model", None) or {}, prefix="model")
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.model = model
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config file (optional), apply `key=value` overrides, and validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key/value is invalid (named).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return experiment_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML atomically (temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, p)
