@@ -243,13 +243,13 @@ class TrainConfig:
     seed: int = 42  # seeds torch, numpy and the sample shuffle
     num_workers: int = 1  # Ray Train workers (DDP world size)
     use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved per training worker
+    cpus_per_worker: float | None = None  # Ray CPUs per worker; None: cores // workers locally, 1 on a cluster
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda" when called directly
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (GPU); the scan state stays fp32
-    scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
     metric: str = "ndcg@10"  # validation metric for early stopping and checkpoint selection
     ks: list[int] = field(default_factory=lambda: [10])  # cut-offs for HR/NDCG/MRR/Recall
     exclude_history: bool = False  # mask the user's history items when ranking (paper: off)
+    final_test: bool = True  # score the test split once with the best model (tuning trials: off)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     progress: bool = True  # progress bars (only shown when stdout is a terminal)
     fail_at_step: int | None = None  # fault injection: kill worker rank 1 (or 0) once at this step
@@ -301,7 +301,9 @@ class RunConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    """MLflow tracking. The URI comes from here, else MLFLOW_TRACKING_URI, else ./mlruns."""
+    """MLflow tracking. The URI comes from here, else MLFLOW_TRACKING_URI, else the embedded
+    default: a SQLite store `./mlflow.db` with artifacts in `./mlartifacts` (what `mlflow ui`
+    started in the same directory shows)."""
 
     enabled: bool = True
     tracking_uri: str | None = None
@@ -313,7 +315,14 @@ class TrackingConfig:
         env = os.environ.get("MLFLOW_TRACKING_URI")
         if env:
             return env
-        return (Path.cwd() / "mlruns").resolve().as_uri()
+        return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts: ./mlartifacts for the embedded store."""
+        uri = self.resolved_uri()
+        if uri.startswith("sqlite:///"):
+            return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return None
 
 
 @dataclass(kw_only=True)

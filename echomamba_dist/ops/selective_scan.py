@@ -54,9 +54,11 @@ def selective_scan_ref(
     ever built. Returns a tensor of `u`'s dtype and shape (B, D, L).
     """
     dtype_in = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    # At least fp32 (bf16/fp16 inputs are upcast); float64 stays float64 so gradcheck can run.
+    compute = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.to(compute)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
     batch, d_inner, length = u.shape
@@ -70,9 +72,9 @@ def selective_scan_ref(
         ys.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))  # (B, D)
     y = torch.stack(ys, dim=-1)  # (B, D, L)
     if D is not None:
-        y = y + u * D.float()[None, :, None]
+        y = y + u * D.to(compute)[None, :, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(compute))
     return y.to(dtype_in)
 
 

@@ -1,0 +1,236 @@
+"""The `echomamba` command line: prepare | train | evaluate | recommend | models | tune.
+
+`echomamba train` with no argument is the main job: EchoMamba4Rec on the built-in synthetic
+dataset through Ray Train on a local Ray, ending with a metrics table. Errors a user can fix
+(bad config, bad data, bad checkpoint) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from echomamba_dist import __version__
+from echomamba_dist.config import ConfigError, load_config, to_dict
+from echomamba_dist.errors import CheckpointError, DataError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.num_workers=2 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echomamba", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"echomamba-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="turn an interaction log into a prepared dataset")
+    p.add_argument("--input", required=True, help="interaction log (sequence text, .inter, CSV/TSV, ratings.dat, Parquet)")
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--format", dest="fmt", default=None, help="force the input format (default: detected)")
+    p.add_argument("--min-rating", type=float, default=None, help="drop interactions rated below this")
+    p.add_argument("--k-core", type=int, default=5, help="iterative k-core on users and items (0: off)")
+    p.add_argument("--keep-duplicates", action="store_true", help="keep repeated (user, item) pairs")
+    p.add_argument("--no-ray", action="store_true", help="prepare in this process instead of on Ray Data")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("train", help="train a model (the main job when given no argument)")
+    _add_config_args(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a prepared dataset")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--data", default=None, help="prepared dataset directory (default: the one trained on)")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--exclude-history", action="store_true", help="mask history items when ranking")
+
+    p = sub.add_parser("recommend", help="top-K items for users of a prepared dataset, or for one history")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--data", default=None, help="prepared dataset directory (default: the one trained on)")
+    p.add_argument("--output", default=None, help="Parquet file for all users' recommendations")
+    p.add_argument("--history", default=None, help="inline history of original item ids, oldest first, space-separated")
+    p.add_argument("--users", default=None, help="comma-separated original user ids (default: all users)")
+    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("--include-history", action="store_true", help="allow items the user already has")
+
+    sub.add_parser("models", help="list the models with their parameter counts")
+
+    p = sub.add_parser("tune", help="hyperparameter search on Ray Tune")
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `echomamba` script. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "train"
+    if args.command is None:
+        args = parser.parse_args(["train"])
+    try:
+        return {
+            "prepare": cmd_prepare,
+            "train": cmd_train,
+            "evaluate": cmd_evaluate,
+            "recommend": cmd_recommend,
+            "models": cmd_models,
+            "tune": cmd_tune,
+        }[command](args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"echomamba {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"echomamba {command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from echomamba_dist.data.prepare import PrepareOptions, format_stats, prepare
+
+    options = PrepareOptions(fmt=args.fmt, min_rating=args.min_rating, dedup=not args.keep_duplicates, k_core=args.k_core)
+    meta = prepare(args.input, args.output, options=options, use_ray=not args.no_ray, overwrite=args.overwrite)
+    print(format_stats(meta))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if cfg.train.ray:
+        from echomamba_dist.ray_train import fit
+
+        result = fit(cfg)
+    else:
+        from echomamba_dist.train.loop import train_per_worker
+
+        result = train_per_worker(to_dict(cfg))
+    print(format_result(result, run_dir=cfg.run.run_dir))
+    return 0
+
+
+def format_result(result: dict[str, Any], *, run_dir: Path | None = None) -> str:
+    """The end-of-run metrics table: test metrics of the best epoch next to popularity."""
+    keys = list(result["test"])
+    lines = [
+        f"model {result['model']}  run {result['run']}  best epoch {result['best_epoch']}  "
+        f"epochs {result['epochs_run']}  test users {result['test_users']}",
+        "",
+        f"{'':<12}" + "".join(f"{k:>12}" for k in keys),
+        f"{'valid':<12}" + "".join(f"{result['valid'].get(k, float('nan')):>12.4f}" for k in keys),
+        f"{'test':<12}" + "".join(f"{result['test'][k]:>12.4f}" for k in keys),
+        f"{'popularity':<12}" + "".join(f"{result['popularity'].get(k, float('nan')):>12.4f}" for k in keys),
+    ]
+    if run_dir is not None:
+        lines += ["", f"checkpoints and metrics.json in {run_dir}"]
+    return "\n".join(lines)
+
+
+def _eval_data(loaded, data_path: str | None):
+    from echomamba_dist.train.loop import build_training_data
+
+    cfg = loaded.config
+    if data_path is not None:
+        cfg.data.path = data_path
+    data = build_training_data(cfg, loaded.model.sample_mode)
+    if data.n_items != int(loaded.meta["n_items"]):
+        raise CheckpointError(
+            f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, "
+            f"but {cfg.data.path or 'the synthetic dataset'} has {data.n_items}"
+        )
+    return data
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from echomamba_dist.inference import load_model
+    from echomamba_dist.train.evaluate import evaluate_model
+
+    loaded = load_model(args.checkpoint)
+    data = _eval_data(loaded, args.data)
+    split = data.test if args.split == "test" else data.valid
+    import torch
+
+    metrics = evaluate_model(
+        loaded.model, split, ks=loaded.config.train.ks, batch_size=loaded.config.train.eval_batch_size,
+        device=torch.device("cpu"), exclude_history=args.exclude_history,
+    )
+    print(json.dumps({"checkpoint": str(loaded.checkpoint_dir), "split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from echomamba_dist.data.dataset import load_dataset
+    from echomamba_dist.inference import load_model, pad_histories, topk_items
+
+    loaded = load_model(args.checkpoint)
+    cfg = loaded.config
+    if args.data is not None:
+        cfg.data.path = args.data
+    ds = load_dataset(cfg.data)
+    if ds.n_items != int(loaded.meta["n_items"]):
+        raise CheckpointError(f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, dataset has {ds.n_items}")
+    item_ids = [str(x) for x in ds.item_ids]
+    if args.history is not None:
+        index = {item_ids[i]: i for i in range(1, len(item_ids))}
+        tokens = args.history.split()
+        unknown = [t for t in tokens if t not in index]
+        if unknown or not tokens:
+            raise DataError(f"--history: unknown item id(s) {unknown[:5]} (expected original ids of the dataset)" if unknown else "--history: empty")
+        seq, seq_len = pad_histories([[index[t] for t in tokens]], cfg.data.max_len)
+        top, scores = topk_items(loaded.model, seq, seq_len, k=args.top_k, exclude_history=not args.include_history)
+        for r, (i, s) in enumerate(zip(top[0], scores[0]), start=1):
+            print(f"{r:3d}  {item_ids[i]}  {s:.4f}")
+        return 0
+    if args.output is None:
+        raise ConfigError("recommend: give --output FILE.parquet (all users) or --history 'ITEM ITEM ...'")
+    from echomamba_dist.serving import recommend_users, write_recommendations
+
+    user_ids = [str(u) for u in ds.user_ids]
+    if args.users:
+        wanted = args.users.split(",")
+        pos = {u: i for i, u in enumerate(user_ids)}
+        missing = [u for u in wanted if u not in pos]
+        if missing:
+            raise DataError(f"--users: unknown user id(s) {missing[:5]}")
+        users = [pos[u] for u in wanted]
+    else:
+        users = list(range(len(user_ids)))
+    table = recommend_users(loaded, ds, users, k=args.top_k, exclude_history=not args.include_history)
+    write_recommendations(table, args.output)
+    print(f"wrote top-{args.top_k} recommendations for {len(users)} users to {args.output}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from echomamba_dist.models.registry import list_models
+
+    rows = list_models()
+    print(f"{'model':<22}{'trains on':<16}{'parameters':>12}")
+    for row in rows:
+        name, mode, n_params = row[0], row[1], row[2]
+        print(f"{name:<22}{mode:<16}{n_params:>12,}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from echomamba_dist.tune import run_study
+
+    run_study(args.config, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""`prepare`: an interaction log file -> a prepared dataset directory (see docs/architecture.md).
+
+Pipeline (the same pure functions from `transforms` in both execution paths):
+
+1. read and validate the file in one streaming pass (`readers.iter_interactions`), numbering rows
+   by file position;
+2. rating filter, per batch;
+3. group each user's interactions into one chronological sequence (sort by timestamp, ties in file
+   order), dropping repeated (user, item) pairs when `dedup`;
+4. iterative k-core on users and items, until nothing changes;
+5. ids -> contiguous indices from 1 in order of first appearance (0 is padding);
+6. write sequences, the id mappings and meta.json to a temporary directory beside the target,
+   then rename it into place.
+
+With `use_ray=True` steps 2-5 run on Ray Data: batches go to the object store (which spills to
+disk), step 3 is a hash shuffle on the user column followed by `map_batches`, and the global
+steps only gather vocabularies (one row per distinct item or user) on the driver, never the log.
+The text reader itself is a single sequential pass on the driver (it must be, to name lines in
+its errors); a log bigger than the driver's memory streams through it batch by batch. The final
+remapped sequences (8 bytes an interaction) are gathered on the driver to be written as one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from echomamba_dist.data import readers
+from echomamba_dist.data import transforms as T
+from echomamba_dist.errors import DataError
+
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    """How `prepare` filters and orders a log. Recorded verbatim in meta.json["options"]."""
+
+    fmt: str | None = None  # input format (readers.FORMATS); None: detected from the file
+    min_rating: float | None = None  # keep interactions with rating >= this; None: keep all
+    dedup: bool = True  # keep only the earliest interaction of each (user, item) pair
+    k_core: int = 5  # iterative k-core on users and items (>= k each); 0 or 1: no filtering
+
+    def __post_init__(self) -> None:
+        if self.fmt is not None and self.fmt not in readers.FORMATS:
+            raise DataError(f"--format: expected one of {', '.join(readers.FORMATS)}, got {self.fmt!r}")
+        if self.k_core < 0:
+            raise DataError(f"--k-core: expected a non-negative integer, got {self.k_core}")
+        if self.min_rating is not None and not math.isfinite(self.min_rating):
+            raise DataError(f"--min-rating: expected a finite number, got {self.min_rating}")
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedTables:
+    """The in-memory result of preparation, before it is written."""
+
+    sequences: pa.Table  # transforms.INDEXED_SCHEMA, sorted by user_idx = 1..U
+    user_ids: pa.Array  # string (U,): original id of user_idx i + 1 at position i
+    item_ids: pa.Array  # string (I,): original id of item_idx i + 1 at position i
+
+    @property
+    def n_interactions(self) -> int:
+        return int(pc.sum(pc.list_value_length(self.sequences.column("items"))).as_py() or 0)
+
+
+def prepare(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: PrepareOptions | None = None,
+    *,
+    use_ray: bool = True,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    **option_overrides: Any,
+) -> dict:
+    """Prepare `input_path` into `output_dir` atomically and return its meta dict.
+
+    Args:
+        input_path: the interaction log (see `readers` for formats).
+        output_dir: the directory to create; it must not exist or be empty unless `overwrite`.
+        options: `PrepareOptions`; keyword overrides (fmt=, min_rating=, dedup=, k_core=) replace
+            its fields.
+        use_ray: run the transforms on Ray Data (local Ray, or `ray_address` / RAY_ADDRESS; an
+            already initialised Ray is used as it is). False: the same functions in this process.
+        ray_address: Ray cluster address when Ray is not initialised yet.
+        overwrite: replace an existing non-empty output directory.
+    Returns:
+        The meta dict written to meta.json (format_version, n_users, n_items, n_interactions,
+        avg_length, options, source).
+    Raises:
+        DataError: bad input (named file and line/column), a filter that leaves no interaction, or
+            an existing output directory. No output directory is left behind on any error.
+    """
+    options = dataclasses.replace(options or PrepareOptions(), **option_overrides)
+    src = Path(input_path)
+    fmt = options.fmt or readers.detect_format(src)
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
+
+    batches = _read_batches(src, fmt, options)
+    if use_ray:
+        tables = _prepare_ray(batches, options, source=src, ray_address=ray_address)
+    else:
+        tables = prepare_table(pa.concat_tables(list(batches)), options, source=src, numbered=True)
+
+    n_users, n_items = len(tables.user_ids), len(tables.item_ids)
+    n_inter = tables.n_interactions
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "n_users": n_users,
+        "n_items": n_items,
+        "n_interactions": n_inter,
+        "avg_length": round(n_inter / n_users, 4),
+        "options": {**dataclasses.asdict(options), "fmt": fmt},
+        "source": {"path": str(src.resolve()), "sha256": file_sha256(src), "format": fmt},
+    }
+    write_prepared(out, tables, meta, overwrite=overwrite)
+    return meta
+
+
+def prepare_table(
+    interactions: pa.Table, options: PrepareOptions, *, source: str | os.PathLike = "<memory>", numbered: bool = False
+) -> PreparedTables:
+    """Run steps 2-5 in this process on a whole interaction table.
+
+    Args:
+        interactions: `readers.INTERACTION_SCHEMA` columns (plus ``row`` when `numbered`).
+        options: the filters; `options.fmt` is ignored.
+        source: the name used in error messages.
+        numbered: the table already has its ``row`` column (else rows are numbered 0, 1, ...).
+    Returns:
+        `PreparedTables`.
+    Raises:
+        DataError: a filter left no interaction, or min_rating without ratings.
+    """
+    table = interactions if numbered else T.add_row_numbers(interactions, 0)
+    if options.min_rating is not None and not T.has_ratings(table):
+        raise _no_ratings(source, options)
+    table = T.filter_min_rating(table, options.min_rating)
+    sequences = T.k_core(T.group_sequences(table, dedup=options.dedup), options.k_core)
+    if sequences.num_rows == 0:
+        raise _nothing_left(source, options)
+    items = T.merge_vocab([T.item_vocab(sequences)]).column("id").combine_chunks()
+    users = T.merge_vocab([T.user_vocab(sequences)]).column("id").combine_chunks()
+    indexed = T.remap_sequences(sequences, users=users, items=items).sort_by("user_idx")
+    return PreparedTables(indexed, users, items)
+
+
+def format_stats(meta: dict) -> str:
+    """The statistics block `echomamba prepare` prints (several lines, no trailing newline)."""
+    opts = meta.get("options", {})
+    src = meta.get("source", {})
+    lines = [
+        f"source:        {src.get('path', '?')} ({src.get('format', '?')}, sha256 {str(src.get('sha256', '?'))[:12]})",
+        f"options:       min_rating={opts.get('min_rating')} dedup={opts.get('dedup')} k_core={opts.get('k_core')}",
+        f"users:         {meta['n_users']:,}",
+        f"items:         {meta['n_items']:,}",
+        f"interactions:  {meta['n_interactions']:,}",
+        f"avg length:    {meta['avg_length']:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_prepared(out: str | os.PathLike, tables: PreparedTables, meta: dict, *, overwrite: bool = False) -> None:
+    """Write a prepared dataset to `out` atomically: a temporary sibling directory, then rename.
+
+    Raises:
+        DataError: `out` exists and is not empty, and not `overwrite`.
+    """
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        pq.write_table(tables.sequences, tmp / "sequences.parquet")
+        n_items, n_users = len(tables.item_ids), len(tables.user_ids)
+        pq.write_table(
+            pa.table({"item_idx": pa.array(range(1, n_items + 1), pa.int64()), "item_id": tables.item_ids}),
+            tmp / "items.parquet",
+        )
+        pq.write_table(
+            pa.table({"user_idx": pa.array(range(1, n_users + 1), pa.int64()), "user_id": tables.user_ids}),
+            tmp / "users.parquet",
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            if any(out.iterdir()) and not overwrite:
+                raise DataError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Internals
+
+
+def _read_batches(src: Path, fmt: str, options: PrepareOptions):
+    """Numbered interaction batches; raises DataError at the end if min_rating has no ratings."""
+    start = 0
+    seen_rating = False
+    for batch in readers.iter_interactions(src, fmt):
+        seen_rating = seen_rating or T.has_ratings(batch)
+        yield T.add_row_numbers(batch, start)
+        start += batch.num_rows
+    if options.min_rating is not None and not seen_rating:
+        raise _no_ratings(src, options)
+
+
+def _no_ratings(source, options: PrepareOptions) -> DataError:
+    return DataError(
+        f"{source}: column 'rating': --min-rating {options.min_rating} needs ratings, the file has none"
+    )
+
+
+def _nothing_left(source, options: PrepareOptions) -> DataError:
+    return DataError(
+        f"{source}: no interactions left after filtering (min_rating={options.min_rating}, "
+        f"dedup={options.dedup}, k_core={options.k_core}); expected at least one user to remain"
+    )
+
+
+@contextlib.contextmanager
+def _ray_session(ray_address: str | None):
+    """Use the running Ray, or start one (and shut it down afterwards)."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        package_dir = Path(__file__).resolve().parents[1]
+        ray.init(
+            address=ray_address or os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            # Workers import the transforms; ship the package when it is not installed.
+            runtime_env={"py_modules": [str(package_dir)]},
+        )
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    quiet = {"enable_progress_bars": False, "print_on_execution_start": False}
+    saved = {k: getattr(ctx, k) for k in quiet}
+    data_logger = logging.getLogger("ray.data")
+    saved_level = data_logger.level
+    data_logger.setLevel(logging.WARNING)
+    for k, v in quiet.items():
+        setattr(ctx, k, v)
+    try:
+        yield ray
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        data_logger.setLevel(saved_level)
+        if started:
+            ray.shutdown()
+
+
+def _prepare_ray(batches, options: PrepareOptions, *, source: Path, ray_address: str | None) -> PreparedTables:
+    """Steps 2-5 on Ray Data; only vocabularies come back to the driver before the final write."""
+    t0 = time.perf_counter()
+    with _ray_session(ray_address) as ray:
+        log.info("ray ready: %.1f s", time.perf_counter() - t0)
+        refs, n_rows = [], 0
+        for batch in batches:  # streams: the driver holds one batch at a time
+            refs.append(ray.put(batch))
+            n_rows += batch.num_rows
+        ds = ray.data.from_arrow_refs(refs)
+        if options.min_rating is not None:
+            ds = ds.map_batches(
+                T.filter_min_rating, fn_kwargs={"min_rating": options.min_rating}, batch_format="pyarrow"
+            )
+        n_parts = max(2, math.ceil(n_rows / 2_000_000))
+        # Hash-partition on user so that every block holds all interactions of its users; a whole
+        # block is one batch (batch_size=None), as in Ray's own map_groups.
+        ds = ds.repartition(n_parts, keys=["user"]).map_batches(
+            T.group_sequences, fn_kwargs={"dedup": options.dedup}, batch_format="pyarrow", batch_size=None
+        )
+        ds = ds.materialize()
+        log.info("read and grouped %d interactions: %.1f s", n_rows, time.perf_counter() - t0)
+
+        def vocab(dataset, fn) -> pa.Table:
+            parts = ray.get(dataset.map_batches(fn, batch_format="pyarrow").to_arrow_refs())
+            return T.merge_vocab([p for p in parts if p.num_rows])
+
+        items = vocab(ds, T.item_vocab)
+        if options.k_core > 1:
+            while True:
+                before = int(pc.sum(items.column("count")).as_py() or 0)
+                keep = T.k_core_items(items, options.k_core)
+                ds = ds.map_batches(
+                    T.filter_sequences,
+                    fn_kwargs={"keep_items": keep, "min_length": options.k_core},
+                    batch_format="pyarrow",
+                ).materialize()
+                items = vocab(ds, T.item_vocab)
+                log.info("k-core pass: %d -> %d interactions, %.1f s",
+                         before, int(pc.sum(items.column("count")).as_py() or 0), time.perf_counter() - t0)
+                if int(pc.sum(items.column("count")).as_py() or 0) == before:
+                    break
+        users = vocab(ds, T.user_vocab)
+        if users.num_rows == 0:
+            raise _nothing_left(source, options)
+        user_ids = users.column("id").combine_chunks()
+        item_ids = items.column("id").combine_chunks()
+        indexed = ds.map_batches(
+            T.remap_sequences, fn_kwargs={"users": user_ids, "items": item_ids}, batch_format="pyarrow"
+        )
+        # The output is one file written by the driver, so gather and order it here (no shuffle).
+        parts = [p for p in ray.get(indexed.to_arrow_refs()) if p.num_rows]
+        sequences = pa.concat_tables(parts).cast(T.INDEXED_SCHEMA).sort_by("user_idx")
+        log.info("remapped: %.1f s", time.perf_counter() - t0)
+        if sequences.num_rows != len(user_ids):
+            raise RuntimeError("internal error: a user appears in more than one block")
+        return PreparedTables(sequences, user_ids, item_ids)
+
+
+__all__ = ["FORMAT_VERSION", "PrepareOptions", "PreparedTables", "format_stats", "prepare", "prepare_table", "write_prepared"]

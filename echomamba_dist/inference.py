@@ -1,0 +1,108 @@
+"""Loading a trained model from a checkpoint, and top-K recommendation.
+
+Shared by `echomamba evaluate`, `echomamba recommend`, the Ray batch-recommendation job and the
+MLflow model flavour, so that all of them score users the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echomamba_dist.config import ExperimentConfig, experiment_from_dict
+from echomamba_dist.errors import CheckpointError
+from echomamba_dist.train.checkpoint import latest_checkpoint, read_config, read_meta, read_state
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the config and metadata it was trained with."""
+
+    model: torch.nn.Module
+    config: ExperimentConfig
+    meta: dict[str, Any]
+    checkpoint_dir: Path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, given either one or a run directory (its newest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
+    if (p / "meta.json").is_file():
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        raise CheckpointError(f"{p}: neither a checkpoint nor a run directory with checkpoints")
+    return found
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", best: bool = True) -> LoadedModel:
+    """Rebuild the model of a checkpoint (its best weights by default) without unpickling objects.
+
+    Raises:
+        CheckpointError: the path holds no readable checkpoint.
+    """
+    from echomamba_dist.models.registry import build_model
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    cfg = experiment_from_dict(read_config(ckpt))
+    state = read_state(ckpt, map_location=device)
+    weights = state.get("best_model") if best and state.get("best_model") is not None else state["model"]
+    model = build_model(cfg.model, n_items=int(meta["n_items"]))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt}: weights do not fit model {cfg.model_name}: {exc}") from None
+    model.to(device).eval()
+    return LoadedModel(model=model, config=cfg, meta=meta, checkpoint_dir=ckpt)
+
+
+def pad_histories(histories: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad item-index histories to (n, max_len), keeping the most recent max_len items."""
+    seq = np.zeros((len(histories), max_len), dtype=np.int64)
+    seq_len = np.zeros(len(histories), dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = np.asarray(h, dtype=np.int64)[-max_len:]
+        seq[i, : len(h)] = h
+        seq_len[i] = len(h)
+    return seq, seq_len
+
+
+@torch.no_grad()
+def topk_items(
+    model: torch.nn.Module,
+    item_seq: np.ndarray,
+    seq_len: np.ndarray,
+    *,
+    k: int,
+    exclude_history: bool = True,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k item indices (n, k) and their scores (n, k) for right-padded histories.
+
+    The padding item never appears; with `exclude_history`, items already in the history are
+    not recommended again.
+    """
+    device = torch.device(device)
+    out_items, out_scores = [], []
+    for start in range(0, len(seq_len), batch_size):
+        lens = torch.from_numpy(seq_len[start : start + batch_size]).to(device)
+        width = max(int(lens.max()), 1)
+        seq = torch.from_numpy(item_seq[start : start + batch_size, :width]).to(device)
+        scores = model.score_all(seq, lens).float()  # (B, n_items + 1)
+        scores[:, 0] = float("-inf")
+        if exclude_history:
+            scores.scatter_(1, seq, float("-inf"))
+            scores[:, 0] = float("-inf")
+        top = torch.topk(scores, k=min(k, scores.shape[1] - 1), dim=1)
+        out_items.append(top.indices.cpu().numpy())
+        out_scores.append(top.values.cpu().numpy())
+    return np.concatenate(out_items), np.concatenate(out_scores)

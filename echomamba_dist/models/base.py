@@ -1,0 +1,219 @@
+"""The one interface every sequential recommender implements, and the helpers they share.
+
+Conventions (docs/architecture.md):
+- `item_seq` (B, L) int64 is right-padded with 0; `seq_len` (B,) int64 >= 1 counts the real items.
+- Item 0 is padding; real items are 1..n_items. `item_embedding` has n_items + 1 rows.
+- `sample_mode` says which samples the model trains on:
+    "prefix"         one next-item target per row, `target` (B,); for models whose output at a
+                     position may depend on later positions (bidirectional, FFT filter).
+    "all_positions"  a target per position, `target` (B, L) with 0 = ignore; exact only for
+                     causal models, which implement `forward_all`.
+- `max_len` is the longest sequence a model accepts (None: any). The training loop checks
+  `data.max_len <= model.max_len`.
+
+Weight initialisation lives in `init_weights`, which every model calls once at the end of its
+constructor. Modules with `_owns_init = True` (the Mamba block, the FFT filter) initialise
+themselves in their constructors, as mamba_ssm does, and are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Rows of logits (rows x n_items) computed at once in the loss; beyond this the logits of each
+# chunk are recomputed in the backward pass instead of being kept (activation checkpointing).
+LOSS_CHUNK_ROWS = 4096
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: embeds items, scores a (B, H) user state against every item embedding."""
+
+    sample_mode: ClassVar[str] = "prefix"
+
+    def __init__(self, n_items: int, config: Any, *, hidden_size: int) -> None:
+        """
+        Args:
+            n_items: number of real items; valid item indices are 1..n_items.
+            config: the model's typed config dataclass (kept as `self.config`).
+            hidden_size: item embedding dimension H (the size of `forward`'s output).
+        Raises:
+            ValueError: n_items < 1.
+        """
+        super().__init__()
+        if n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        self.n_items = n_items
+        self.config = config
+        self.hidden_size = hidden_size
+        self.max_len: int | None = getattr(config, "max_len", None)
+        self.item_embedding = nn.Embedding(n_items + 1, hidden_size, padding_idx=0)
+
+    def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """(B, L) item indices, (B,) lengths -> (B, H) state that predicts the next item."""
+        if self.sample_mode != "all_positions":
+            raise NotImplementedError
+        return gather_last(self.forward_all(item_seq, seq_len), seq_len)  # (B, H)
+
+    def forward_all(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, L, H): position t predicts item t + 1 (all-positions models)."""
+        raise NotImplementedError(f"{type(self).__name__} trains on {self.sample_mode} samples")
+
+    def score_all(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, n_items + 1) scores; column 0 (padding) is meaningless."""
+        return self.forward(item_seq, seq_len) @ self.item_embedding.weight.t()
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the targets over all real items (1..n_items).
+
+        `batch` holds `item_seq` (B, L), `seq_len` (B,) and `target`: (B,) in prefix mode,
+        (B, L) with 0 = no target in all-positions mode.
+        """
+        item_seq, seq_len, target = batch["item_seq"], batch["seq_len"], batch["target"]
+        if self.sample_mode == "all_positions":
+            states = self.forward_all(item_seq, seq_len)  # (B, L, H)
+            keep = target > 0  # (B, L)
+            states, target = states[keep], target[keep]  # (M, H), (M,)
+        else:
+            states = self.forward(item_seq, seq_len)  # (B, H)
+        return item_cross_entropy(states, self.item_embedding.weight, target)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; see `param_groups`."""
+        return param_groups(self, weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def item_cross_entropy(
+    states: torch.Tensor, item_weight: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Mean softmax cross-entropy of `target` against all real items.
+
+    Args:
+        states: (M, H) one state per target.
+        item_weight: (n_items + 1, H) item embeddings; row 0 (padding) is never a candidate, so it
+            receives no gradient from the loss.
+        target: (M,) item indices in 1..n_items.
+    Returns:
+        A scalar; 0 (still attached to the graph) when M = 0.
+    """
+    if states.shape[0] == 0:
+        return states.sum() * 0.0
+    items = item_weight[1:]  # (n_items, H)
+    labels = target - 1  # (M,)
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], LOSS_CHUNK_ROWS):
+        rows, lab = states[start : start + LOSS_CHUNK_ROWS], labels[start : start + LOSS_CHUNK_ROWS]
+        if torch.is_grad_enabled() and states.shape[0] > LOSS_CHUNK_ROWS:
+            total = total + checkpoint(_chunk_ce_sum, rows, items, lab, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(rows, items, lab)
+    return total / states.shape[0]
+
+
+def _chunk_ce_sum(rows: torch.Tensor, items: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = rows @ items.t()  # (m, n_items)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding and direction helpers
+
+
+def padding_mask(seq_len: torch.Tensor, length: int) -> torch.Tensor:
+    """(B,) lengths -> (B, L) bool, True on real (non-padding) positions of right-padded rows."""
+    positions = torch.arange(length, device=seq_len.device)  # (L,)
+    return positions[None, :] < seq_len[:, None]  # (B, L)
+
+
+def gather_last(x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+    """(B, L, H), (B,) -> (B, H): each row at its last real position, seq_len - 1."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, seq_len - 1]
+
+
+def reverse_by_length(x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+    """Reverse each row's first seq_len positions; padding stays at the end.
+
+    (B, L) or (B, L, H) -> same shape. Position t < seq_len takes position seq_len - 1 - t, so
+    [a, b, c, 0, 0] becomes [c, b, a, 0, 0]. The map is its own inverse.
+    """
+    length = x.shape[1]
+    positions = torch.arange(length, device=x.device)[None, :]  # (1, L)
+    source = torch.where(
+        positions < seq_len[:, None], seq_len[:, None] - 1 - positions, positions
+    )  # (B, L)
+    if x.dim() == 3:
+        source = source[:, :, None].expand_as(x)  # (B, L, H)
+    return x.gather(1, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation and optimizer groups
+
+
+def init_weights(model: nn.Module, *, std: float = 0.02) -> None:
+    """Initialise `model` in place (SASRec/RecBole conventions).
+
+    Linear and Embedding weights ~ N(0, std), Linear biases 0, the embedding's padding row 0,
+    LayerNorm weight 1 / bias 0, GRU weights Xavier-uniform and biases 0. Modules marked
+    `_owns_init` (Mamba: dt_proj, A_log and D have their own init; the FFT filter) and everything
+    inside them are left as they are.
+    """
+    owned = {
+        id(sub)
+        for module in model.modules()
+        if getattr(module, "_owns_init", False)
+        for sub in module.modules()
+    }
+    for module in model.modules():
+        if id(module) in owned:
+            continue
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GRU):
+            for name, param in module.named_parameters():
+                if name.startswith("weight"):
+                    nn.init.xavier_uniform_(param)
+                else:
+                    nn.init.zeros_(param)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups: with `weight_decay`, and without.
+
+    No decay for parameters tagged `_no_weight_decay` (Mamba's A_log and D) and for every
+    parameter with fewer than 2 dimensions (biases, LayerNorm weights). Matrices, including the
+    embeddings and the FFT filter, are decayed (nanoGPT's rule). Empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if getattr(param, "_no_weight_decay", False) or param.dim() < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

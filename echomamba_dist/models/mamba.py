@@ -1,0 +1,187 @@
+"""The Mamba (v1) block, parameter for parameter the same as `mamba_ssm.Mamba`.
+
+Same constructor keywords, defaults, parameter names, shapes, initialisation and math, so a
+`state_dict` saved by one loads into the other with `strict=True` and gives the same outputs:
+
+    in_proj.weight   (2 * d_inner, d_model)        [+ in_proj.bias when bias=True]
+    conv1d.weight    (d_inner, 1, d_conv)          depthwise, causal
+    conv1d.bias      (d_inner,)                    when conv_bias=True (default)
+    x_proj.weight    (dt_rank + 2 * d_state, d_inner)
+    dt_proj.weight   (d_inner, dt_rank)
+    dt_proj.bias     (d_inner,)                    inverse-softplus of dt in [dt_min, dt_max]
+    A_log            (d_inner, d_state)            S4D-real: log(1..d_state) on every row
+    D                (d_inner,)                    ones
+    out_proj.weight  (d_model, d_inner)            [+ out_proj.bias when bias=True]
+
+with d_inner = expand * d_model and dt_rank = ceil(d_model / 16) when "auto".
+
+The selective scan runs through `echomamba_dist.ops.selective_scan` (backends reference, cpu,
+cuda); the depthwise causal convolution uses causal-conv1d's kernel on the `cuda` backend when
+that package imports, else `nn.Conv1d`. Neither mamba-ssm nor causal-conv1d is imported before a
+CUDA forward asks for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from echomamba_dist.ops.selective_scan import Backend, resolve_backend, selective_scan
+
+
+class Mamba(nn.Module):
+    """One Mamba block: (B, L, d_model) -> (B, L, d_model), causal along L.
+
+    Args mirror `mamba_ssm.Mamba` (`use_fast_path`, `layer_idx`, `device`, `dtype` are accepted
+    for signature compatibility; `use_fast_path` and `layer_idx` have no effect here).
+    `scan_backend` (keyword-only) picks the selective-scan backend: auto, reference, cpu or cuda.
+
+    Initialisation happens here, as in mamba_ssm; `models.base.init_weights` leaves this
+    module alone (`_owns_init`). `A_log` and `D` carry `_no_weight_decay = True`.
+    """
+
+    _owns_init = True
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        scan_backend: Backend = "auto",
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=d_conv,
+            groups=self.d_inner,  # depthwise
+            padding=d_conv - 1,  # pad both sides, keep the first L outputs: causal
+            bias=conv_bias,
+            **factory,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        # dt_proj.weight: keeps the variance of dt at initialisation independent of dt_rank.
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise NotImplementedError(f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+
+        # dt_proj.bias: softplus(bias) = dt, with dt log-uniform in [dt_min, dt_max].
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_softplus_dt)
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real: A = -(1, 2, ..., d_state) on every channel, stored as log(-A).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device)
+        A = A.repeat(self.d_inner, 1).contiguous()  # (d_inner, d_state)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model); the output at t depends on inputs 0..t only."""
+        length = hidden_states.shape[1]
+        backend = resolve_backend(self.scan_backend, hidden_states.device)
+
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        x = self._causal_conv_silu(x, length, backend)  # (B, d_inner, L)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj's bias is not added here: the scan adds it before the softplus (delta_bias).
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
+        B = B.transpose(1, 2).contiguous()  # (B, d_state, L)
+        C = C.transpose(1, 2).contiguous()  # (B, d_state, L)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+
+        y = selective_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=backend,
+        )  # (B, d_inner, L)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def _causal_conv_silu(self, x: torch.Tensor, length: int, backend: str) -> torch.Tensor:
+        """SiLU(depthwise causal conv1d(x)): (B, d_inner, L) -> (B, d_inner, L)."""
+        conv_fn = _causal_conv1d_fn() if backend == "cuda" else None
+        if conv_fn is not None:
+            weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+            return conv_fn(x.contiguous(), weight, self.conv1d.bias, activation="silu")
+        return F.silu(self.conv1d(x)[..., :length])
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_conv1d_fn():
+    """causal-conv1d's fused kernel, or None when the package does not import."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # ImportError, or a broken CUDA build
+        return None
+    return causal_conv1d_fn
+
+
+def load_cuda_mamba() -> type | None:
+    """`mamba_ssm.Mamba` when mamba-ssm imports (for equivalence tests), else None."""
+    try:
+        from mamba_ssm import Mamba as CudaMamba
+    except Exception:
+        return None
+    return CudaMamba
+
+
+def set_scan_backend(module: nn.Module, backend: Backend) -> None:
+    """Set the selective-scan backend of every Mamba block inside `module`."""
+    for m in module.modules():
+        if isinstance(m, Mamba):
+            m.scan_backend = backend

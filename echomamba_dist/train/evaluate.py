@@ -1,0 +1,100 @@
+"""Full-ranking evaluation by the leave-one-out protocol, exact across shards of users.
+
+Every rank scores the users `users[rank::world_size]`, so each user is scored exactly once over
+all workers (no padding duplicates, no dropped users); the metric *sums* and the count are then
+summed across workers, which makes 1 and N workers give identical metrics for the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from echomamba_dist.metrics import finalize_metrics, metric_sums, target_ranks
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Inputs and targets of one evaluation split (validation or test)."""
+
+    item_seq: np.ndarray  # (n, max_len) int64, right-padded with 0
+    seq_len: np.ndarray  # (n,) int64, >= 1
+    target: np.ndarray  # (n,) int64
+    users: np.ndarray  # (n,) int64 user positions (0-based) in the prepared dataset
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def shard(self, rank: int, world_size: int) -> "EvalSet":
+        """This rank's users: every `world_size`-th one starting at `rank` (exact partition)."""
+        sl = slice(rank, None, world_size)
+        return EvalSet(self.item_seq[sl], self.seq_len[sl], self.target[sl], self.users[sl])
+
+
+AllReduce = Callable[[dict[str, float]], dict[str, float]]
+
+
+def _identity(sums: dict[str, float]) -> dict[str, float]:
+    return sums
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    data: EvalSet,
+    *,
+    ks: list[int],
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: AllReduce = _identity,
+    exclude_history: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Score this rank's shard of `data` against all items; return metrics averaged over all users.
+
+    Args:
+        model: a SequentialRecommender (not DDP-wrapped), evaluated in eval mode.
+        data: the whole split; this function takes its own shard.
+        ks: cut-offs for HR/NDCG/MRR/Recall.
+        batch_size: users scored at once on this rank.
+        all_reduce: sums metric sums across ranks (identity in one process).
+        exclude_history: set the history items' scores to -inf before ranking.
+    Returns:
+        {"hr@10": ..., "ndcg@10": ..., "mrr@10": ..., "recall@10": ..., "count": users}.
+    """
+    was_training = model.training
+    model.eval()
+    shard = data.shard(rank, world_size)
+    sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg", "mrr", "recall") for k in ks}
+    sums["count"] = 0.0
+    for start in range(0, len(shard), batch_size):
+        stop = start + batch_size
+        seq_len = torch.from_numpy(shard.seq_len[start:stop]).to(device)
+        width = int(seq_len.max())  # models are padding-independent: trim to the longest
+        item_seq = torch.from_numpy(shard.item_seq[start:stop, :width]).to(device)
+        target = torch.from_numpy(shard.target[start:stop]).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            scores = model.score_all(item_seq, seq_len)
+        ranks = target_ranks(scores.float(), target, exclude=item_seq if exclude_history else None)
+        for key, value in metric_sums(ranks, ks).items():
+            sums[key] += float(value)
+    sums = all_reduce(sums)
+    model.train(was_training)
+    return {**finalize_metrics(sums), "count": sums["count"]}
+
+
+def popularity_metrics(
+    train_items: np.ndarray, n_items: int, data: EvalSet, *, ks: list[int]
+) -> dict[str, float]:
+    """Metrics of ranking every user's items by training popularity (the baseline to beat)."""
+    counts = np.bincount(train_items, minlength=n_items + 1)[1:]  # padding never ranks
+    target_counts = counts[data.target - 1]
+    ordered = np.sort(counts)
+    higher = len(ordered) - np.searchsorted(ordered, target_counts, side="right")
+    ranks = torch.from_numpy((1 + higher).astype(np.int64))  # same rule as target_ranks
+    return finalize_metrics(metric_sums(ranks, ks))

@@ -1,0 +1,90 @@
+"""Leave-one-out, history matrices and the two training-sample modes, on hand-made sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from echomamba_dist.data.splits import (
+    all_position_samples,
+    history_matrix,
+    leave_one_out,
+    pad_left,
+    pad_right,
+    prefix_samples,
+)
+
+# user 0: 1..5, user 1: [7] (1 item), user 2: [8, 9] (2 items), user 3: [4, 3, 2]
+OFFSETS = np.array([0, 5, 6, 8, 11])
+ITEMS = np.array([1, 2, 3, 4, 5, 7, 8, 9, 4, 3, 2])
+
+
+def test_leave_one_out_and_short_user_policy():
+    s = leave_one_out(OFFSETS, ITEMS)
+    # users with < 3 items are not evaluated and keep all their items for training
+    assert s.valid_users.tolist() == [0, 3] and s.test_users.tolist() == [0, 3]
+    assert s.valid_target.tolist() == [4, 3] and s.test_target.tolist() == [5, 2]
+    assert s.train_offsets.tolist() == [0, 3, 4, 6, 7]
+    assert s.train_items.tolist() == [1, 2, 3, 7, 8, 9, 4]
+
+
+def test_history_matrix_cut_truncation_and_padding():
+    seq, seq_len = history_matrix(OFFSETS, ITEMS, np.array([0, 3, 1]), cut=1, max_len=3)
+    assert seq.tolist() == [[2, 3, 4], [4, 3, 0], [0, 0, 0]]  # most recent kept; right padding
+    assert seq_len.tolist() == [3, 2, 0]
+    seq, seq_len = history_matrix(OFFSETS, ITEMS, np.array([0]), cut=2, max_len=5)
+    assert seq.tolist() == [[1, 2, 3, 0, 0]] and seq_len.tolist() == [3]
+    assert seq.dtype == np.int64 and seq_len.dtype == np.int64
+
+
+def test_prefix_samples():
+    s = leave_one_out(OFFSETS, ITEMS)
+    seq, seq_len, target = prefix_samples(s.train_offsets, s.train_items, max_len=2)
+    # user 0 train [1, 2, 3]: [1]->2, [1, 2]->3; user 2 train [8, 9]: [8]->9; users 1 and 3: none
+    assert seq.tolist() == [[1, 0], [1, 2], [8, 0]]
+    assert seq_len.tolist() == [1, 2, 1]
+    assert target.tolist() == [2, 3, 9]
+    seq, seq_len, target = prefix_samples(np.array([0, 4]), np.array([5, 6, 7, 8]), max_len=2)
+    assert seq.tolist() == [[5, 0], [5, 6], [6, 7]] and target.tolist() == [6, 7, 8]
+
+
+def test_prefix_inputs_never_contain_their_target_position():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 12, size=50)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    items = np.arange(1, offsets[-1] + 1)  # unique items: position is identifiable
+    seq, seq_len, target = prefix_samples(offsets, items, max_len=4)
+    assert len(target) == np.maximum(lengths - 1, 0).sum()
+    for row, n, t in zip(seq, seq_len, target):
+        assert n >= 1 and (row[:n] < t).all() and (row[n:] == 0).all()
+        assert row[n - 1] == t - 1  # the item right before the target
+
+
+def test_all_position_samples():
+    seq, seq_len, target = all_position_samples(np.array([0, 4, 5, 7]), np.array([5, 6, 7, 8, 9, 1, 2]), max_len=5)
+    assert seq.tolist() == [[5, 6, 7, 0, 0], [1, 0, 0, 0, 0]]
+    assert target.tolist() == [[6, 7, 8, 0, 0], [2, 0, 0, 0, 0]]
+    assert seq_len.tolist() == [3, 1]
+    seq, seq_len, target = all_position_samples(np.array([0, 4]), np.array([5, 6, 7, 8]), max_len=2)
+    assert seq.tolist() == [[6, 7]] and target.tolist() == [[7, 8]] and seq_len.tolist() == [2]
+
+
+def test_pad_helpers():
+    seq, n = pad_right([[1, 2, 3], [4]], 2)
+    assert seq.tolist() == [[2, 3], [4, 0]] and n.tolist() == [2, 1]
+    seq, n = pad_left([[1, 2, 3], [4], []], 3)
+    assert seq.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]] and n.tolist() == [3, 1, 0]
+
+
+def test_vectorised_on_a_large_log():
+    import time
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 20, size=20000)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    items = rng.integers(1, 1000, size=offsets[-1])
+    start = time.perf_counter()
+    s = leave_one_out(offsets, items)
+    prefix_samples(s.train_offsets, s.train_items, 50)
+    all_position_samples(s.train_offsets, s.train_items, 50)
+    history_matrix(offsets, items, s.test_users, cut=1, max_len=50)
+    assert time.perf_counter() - start < 5.0

@@ -1,0 +1,98 @@
+"""Config parsing: YAML and overrides fill typed dataclasses; bad keys and values are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from echomamba_dist.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    apply_overrides,
+    experiment_from_dict,
+    flatten,
+    load_config,
+    save_config,
+    to_dict,
+)
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = experiment_from_dict({})
+    assert cfg.model_name == "echomamba4rec"
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.eval_batch_size) == (1e-3, 2048, 4096)
+    assert (cfg.train.patience, cfg.train.epochs, cfg.train.metric) == (10, 300, "ndcg@10")
+    assert cfg.data.max_len == 50
+    assert cfg.model.hidden_size == 64 and cfg.model.dropout == 0.2
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: sasrec\ntrain:\n  lr: 0.01\n  ks: [5, 10]\n")
+    cfg = load_config(path, ["train.epochs=3", "data.max_len=20", "run.name=abc"])
+    assert cfg.model_name == "sasrec"
+    assert cfg.train.lr == 0.01 and cfg.train.epochs == 3 and cfg.train.ks == [5, 10]
+    assert cfg.data.max_len == 20 and cfg.run.name == "abc"
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"trian": {}}, "unknown config key trian"),
+        ({"train": {"lr2": 1}}, "train.lr2"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast'"),
+        ({"train": {"epochs": 1.5}}, "train.epochs: expected an integer"),
+        ({"train": {"precision": "fp8"}}, "train.precision: expected one of"),
+        ({"train": {"progress": "yes"}}, "train.progress: expected true or false"),
+        ({"train": {"batch_size": 0}}, "batch_size: must be >= 1"),
+        ({"train": {"metric": "ndcg@20"}}, "metric: cut-off 20"),
+        ({"train": {"batch_size": 3, "num_workers": 2}}, "not divisible by num_workers"),
+        ({"model": {"name": "nope"}}, "model.name: unknown model 'nope'"),
+        ({"model": {"hidden_sise": 3}}, "model.hidden_sise"),
+        ({"data": {"synthetic": {"n_users": 0}}}, "n_users: must be >= 1"),
+        ({"run": {"name": "a/b"}}, "name: expected a plain directory name"),
+    ],
+)
+def test_bad_keys_and_values_are_named(data, needle):
+    with pytest.raises(ConfigError) as info:
+        experiment_from_dict(data)
+    assert needle in str(info.value)
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.lr"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("train: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="empty key"):
+        apply_overrides({}, ["train..lr=1"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = experiment_from_dict({"model": {"name": "echomamba4rec", "combine": "concat"}, "train": {"seed": 7}})
+    save_config(cfg, tmp_path / "out.yaml")
+    again = load_config(tmp_path / "out.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_run_dir_is_absolute(tmp_path):
+    cfg = experiment_from_dict({"run": {"name": "x", "storage_path": str(tmp_path)}})
+    assert cfg.run.run_dir == tmp_path.resolve() / "x"
+    assert isinstance(cfg, ExperimentConfig) and isinstance(cfg.train, TrainConfig)

@@ -1,0 +1,204 @@
+"""The per-worker training loop called directly (no Ray): training, early stopping, checkpoints,
+resumption after a kill, tracking, and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echomamba_dist.cli import main
+from echomamba_dist.config import experiment_from_dict, to_dict
+from echomamba_dist.train.checkpoint import checkpoint_dirs, read_meta
+from echomamba_dist.train.loop import BatchSource, train_per_worker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(tmp_path: Path, **sections) -> dict:
+    cfg = {
+        "data": {"synthetic": {"n_users": 200, "n_items": 60, "n_topics": 4, "mean_length": 9.0}, "max_len": 12},
+        "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8, "max_len": 12},
+        "train": {"epochs": 2, "batch_size": 128, "eval_batch_size": 256, "ray": False, "progress": False},
+        "run": {"name": "t", "storage_path": str(tmp_path / "runs")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def test_batch_source_is_deterministic_and_splits_exactly():
+    samples = {
+        "item_seq": np.arange(50 * 4).reshape(50, 4),
+        "seq_len": np.full(50, 4),
+        "target": np.arange(50),
+    }
+    one = BatchSource(samples, global_batch=8, seed=3)
+    halves = [BatchSource(samples, global_batch=8, seed=3, rank=r, world_size=2) for r in range(2)]
+    cpu = torch.device("cpu")
+    for epoch in (0, 1):
+        whole = [b["target"] for b in one.epoch(epoch, device=cpu)]
+        parts = [[b["target"] for b in h.epoch(epoch, device=cpu)] for h in halves]
+        assert len(whole) == len(parts[0]) == len(parts[1]) == 7
+        for w, a, b in zip(whole, *parts):
+            assert torch.equal(w, torch.cat([a, b]))
+    e0 = np.concatenate([b["target"].numpy() for b in one.epoch(0, device=cpu)])
+    e1 = np.concatenate([b["target"].numpy() for b in one.epoch(1, device=cpu)])
+    assert sorted(e0) == list(range(50)) and not np.array_equal(e0, e1)  # a new shuffle each epoch
+
+
+def test_bucketing_trims_padding_and_keeps_every_sample():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 11, size=300)
+    seq = np.zeros((300, 10), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        seq[i, :n] = rng.integers(1, 50, size=n)
+    samples = {"item_seq": seq, "seq_len": lengths, "target": np.arange(300)}
+    src = BatchSource(samples, global_batch=16, seed=0, bucketing=True, bucket_window=4)
+    seen, widths = [], []
+    for b in src.epoch(0, device=torch.device("cpu")):
+        widths.append(b["item_seq"].shape[1])
+        assert b["item_seq"].shape[1] == int(b["seq_len"].max())
+        seen.extend(b["target"].tolist())
+    assert sorted(seen) == list(range(300))
+    assert np.mean(widths) < 10  # padding was trimmed
+
+
+def test_train_evaluate_checkpoint_and_track(tmp_path):
+    cfg = tiny_config(tmp_path)
+    result = train_per_worker(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    assert result["epochs_run"] == 2 and result["best_epoch"] in (0, 1)
+    assert set(result["test"]) == {f"{m}@10" for m in ("hr", "ndcg", "mrr", "recall")}
+    assert result["test_users"] == 200
+    assert result["test"]["hr@10"] >= result["test"]["ndcg@10"] >= result["test"]["mrr@10"]
+    assert json.loads((run_dir / "metrics.json").read_text())["test"] == result["test"]
+    ckpts = checkpoint_dirs(run_dir)
+    assert [p.name for p in ckpts] == ["epoch_000000", "epoch_000001"]
+    assert read_meta(ckpts[-1])["epoch"] == 2  # the next epoch to run
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "echomamba4rec"
+    assert run.data.params["train.batch_size"] == "128"
+    assert "dataset.fingerprint" in run.data.tags and "git.commit" in run.data.tags
+    assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(result["test"]["ndcg@10"])
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_ndcg_at_10")
+    assert [m.step for m in history] == [0, 1]
+    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "best_checkpoint"} <= artifacts
+
+
+def test_same_seed_same_result_and_resume_is_a_no_op(tmp_path):
+    a = train_per_worker(tiny_config(tmp_path / "a", tracking={"enabled": False}))
+    b = train_per_worker(tiny_config(tmp_path / "b", tracking={"enabled": False}))
+    assert a["test"] == b["test"] and a["valid"] == b["valid"]
+    again = train_per_worker(tiny_config(tmp_path / "a", tracking={"enabled": False}))
+    assert again["epochs_run"] == 2 and again["steps"] == a["steps"] and again["test"] == a["test"]
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 30, "patience": 1, "lr": 0.5}, tracking={"enabled": False})
+    result = train_per_worker(cfg)
+    # a huge learning rate makes validation stop improving quickly
+    assert result["epochs_run"] == result["best_epoch"] + 2
+    assert result["epochs_run"] < 30
+
+
+def _run_cli(args, cwd, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "echomamba_dist.cli", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tmp_path, train={"epochs": 3}, tracking={"enabled": False})))
+    # an uninterrupted run
+    ref = _run_cli(["train", "--config", str(cfg_path), "--set", "run.name=ref"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    # the same run killed (SIGKILL) in its second epoch, then started again with the same name
+    ref_metrics = json.loads((tmp_path / "runs" / "ref" / "metrics.json").read_text())
+    steps_per_epoch = ref_metrics["steps"] // 3
+    killed = _run_cli(["train", "--config", str(cfg_path), "--set", "run.name=kill",
+                       "--set", f"train.fail_at_step={steps_per_epoch + 1}"], cwd=tmp_path)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert [p.name for p in checkpoint_dirs(tmp_path / "runs" / "kill")] == ["epoch_000000"]
+    resumed = _run_cli(["train", "--config", str(cfg_path), "--set", "run.name=kill",
+                        "--set", f"train.fail_at_step={steps_per_epoch + 1}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    res_metrics = json.loads((tmp_path / "runs" / "kill" / "metrics.json").read_text())
+    assert res_metrics["test"] == ref_metrics["test"]
+    assert res_metrics["steps"] == ref_metrics["steps"]
+
+
+def test_cli_train_evaluate_recommend(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path)
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", "c.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "popularity" in out and "ndcg@10" in out
+    result = json.loads((tmp_path / "runs" / "t" / "metrics.json").read_text())
+
+    assert main(["evaluate", "--checkpoint", "runs/t"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["ndcg@10"] == pytest.approx(result["test"]["ndcg@10"], abs=1e-6)
+    assert scored["count"] == 200
+
+    assert main(["recommend", "--checkpoint", "runs/t", "--output", "recs.parquet", "-k", "5"]) == 0
+    assert "for 200 users" in capsys.readouterr().out
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "recs.parquet").to_pydict()
+    assert len(table["user_id"]) == 200 * 5
+    assert table["rank"][:5] == [1, 2, 3, 4, 5]
+    assert all(s1 >= s2 for s1, s2 in zip(table["score"][:4], table["score"][1:5]))
+
+    item = table["item_id"][0]
+    assert main(["recommend", "--checkpoint", "runs/t", "--history", item, "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and item not in [ln.split()[1] for ln in lines]  # history excluded
+
+
+def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--set", "train.lr=fast"]) == 2
+    assert "train.lr: expected a number" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", "nowhere"]) == 2
+    assert "nowhere: no such checkpoint" in capsys.readouterr().err
+    assert main(["train", "--config", "missing.yaml"]) == 2
+
+
+def test_cli_models_lists_every_model(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("echomamba4rec", "sasrec", "gru4rec", "mamba4rec"):
+        assert name in out
+
+
+def test_print_config(capsys):
+    assert main(["train", "--print-config", "--set", "model.name=sasrec"]) == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["name"] == "sasrec" and printed["train"]["lr"] == 0.001
+    assert to_dict(experiment_from_dict(printed)) == printed
