@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", default=None, help="comma-separated original user ids (default: all users)")
     p.add_argument("-k", "--top-k", type=int, default=10)
     p.add_argument("--include-history", action="store_true", help="allow items the user already has")
+    p.add_argument("--ray", action="store_true", help="score all users on Ray Data with a pool of actors; --output is a directory")
+    p.add_argument("--actors", type=int, default=2, help="model-holding actors (with --ray)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor (with --ray)")
 
     sub.add_parser("models", help="list the models with their parameter counts")
 
@@ -196,7 +199,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 0
     if args.output is None:
         raise ConfigError("recommend: give --output FILE.parquet (all users) or --history 'ITEM ITEM ...'")
-    from echomamba_dist.serving import recommend_users, write_recommendations
+    from echomamba_dist.serving import recommend_on_ray, recommend_users, write_recommendations
+
+    if args.ray:
+        n = recommend_on_ray(
+            loaded.checkpoint_dir, ds, args.output, k=args.top_k, exclude_history=not args.include_history,
+            num_actors=args.actors, use_gpu=args.gpu,
+        )
+        print(f"wrote top-{args.top_k} recommendations for {n} users to {args.output}/ (Ray Data, {args.actors} actors)")
+        return 0
 
     user_ids = [str(u) for u in ds.user_ids]
     if args.users:

@@ -222,7 +222,7 @@ class DataConfig:
     path: str | None = None  # a directory written by `echomamba prepare`; None: the synthetic set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = 50  # sequences keep their most recent `max_len` items
-    bucketing: bool = False  # group batches by length and pad each only to its longest sequence
+    bucketing: bool = True  # group batches by length and pad each only to its longest sequence
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
@@ -254,6 +254,7 @@ class TrainConfig:
     progress: bool = True  # progress bars (only shown when stdout is a terminal)
     fail_at_step: int | None = None  # fault injection: kill worker rank 1 (or 0) once at this step
     ray: bool = True  # run through Ray Train (False: the per-worker function in this process)
+    data_sharding: Literal["exact", "ray"] = "exact"  # on Ray: exact slices of each seeded global batch, or Ray's streaming split (docs/distributed.md)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "num_workers"):
@@ -305,9 +306,10 @@ class TrackingConfig:
     default: a SQLite store `./mlflow.db` with artifacts in `./mlartifacts` (what `mlflow ui`
     started in the same directory shows)."""
 
-    enabled: bool = True
-    tracking_uri: str | None = None
-    experiment: str = "echomamba"
+    enabled: bool = True  # track this run in MLflow (rank 0)
+    tracking_uri: str | None = None  # e.g. http://127.0.0.1:5000; None: env or embedded store
+    experiment: str = "echomamba"  # MLflow experiment name
+    log_model: bool = True  # log the best model as an MLflow pyfunc model at the end
 
     def resolved_uri(self) -> str:
         if self.tracking_uri:

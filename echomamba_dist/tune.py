@@ -2,30 +2,43 @@
 
 Ray 2.60 (Train V2) pattern: the Tuner runs `trial_driver`, a plain function that builds and fits
 a `TorchTrainer` around the one training loop, so that each trial can itself use several workers
-or GPUs. The trainer's `TuneReportCallback` forwards every epoch's validation metrics to Tune,
-where ASHA stops weak trials early. Selection uses validation only; the best trial's test
-metrics are computed once, at the end, from its best checkpoint.
+or GPUs. The driver reserves no CPU (it only waits on its trainer); the trainer's workers hold
+the trial's resources, and the number of trials run side by side follows from the cluster's
+resources and one trial's needs. Every epoch's validation metrics reach Tune through
+`EpochReportCallback`, and ASHA stops weak trials early. Selection uses validation only; the best
+trial's test metrics are computed once, at the end, from its best weights.
 
 A study file is a training config (data, model, train, run, tracking) plus two sections:
 
-    search:                       # dotted config key -> distribution
+    search:                       # dotted config key -> one distribution
       model.dropout: {uniform: [0.1, 0.5]}
       train.lr: {loguniform: [1.0e-4, 1.0e-2]}
       model.combine: {choice: [sum, concat]}
-    tune:
-      num_samples: 8
+    tune:                         # TuneConfig
+      name: my-study
+      num_samples: 16
       search_alg: optuna          # or random
-      ...                         # see TuneConfig
 
-Outputs in `tune.storage_path/tune.name/`: `best.yaml` (a full training config that
-`echomamba train --config best.yaml` takes as it is), `results.parquet`, and Tune's state (an
-interrupted study resumes with the same command). MLflow gets one parent run for the study and
-one child run per trial.
+Layout of `tune.storage_path/tune.name/` (the study directory):
+
+    tuner/              Tune's experiment state: an interrupted study resumes from it
+    trials/trial-<id>/  each trial's Ray Train run: `epoch_NNNNNN` checkpoints (meta.json holds
+                        the per-epoch validation history, state.pt the best weights so far)
+    results.parquet     one row per trial: status, epochs, best validation metric, parameters
+    best.yaml           the best trial's full training config (`echomamba train --config` it)
+    mlflow_parent_run_id
+
+MLflow: one parent run for the study (its configuration, the best validation metric, the best
+trial's test metrics, best.yaml and results.parquet as artifacts) and one child run per trial
+(`mlflow.parentRunId` tag, its sampled parameters, per-epoch metrics with step = epoch, status
+FINISHED or FAILED).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,44 +48,60 @@ import yaml
 
 from echomamba_dist.config import (
     ConfigError,
+    ExperimentConfig,
+    TrackingConfig,
     apply_overrides,
     experiment_from_dict,
+    flatten,
     from_dict,
-    save_config,
     to_dict,
 )
 from echomamba_dist.train.tracking import metric_key
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "quniform")
+TIME_ATTR = "epochs_done"  # what ASHA counts: epochs finished (the loop's `epoch` + 1)
+TUNER_DIR = "tuner"
+TRIALS_DIR = "trials"
+RESULTS_FILE = "results.parquet"
+BEST_FILE = "best.yaml"
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRIAL_ID_TAG = "echomamba.trial_id"
+STUDY_TAG = "echomamba.study"
+DRIVER_CPU = 0.001  # what a trial's driver function reserves
 
 
 @dataclass(kw_only=True)
 class TuneConfig:
-    """How the study runs."""
+    """How the study runs (the `tune` section of a study file)."""
 
-    name: str = "echomamba-study"  # study name: its directory and MLflow parent run
-    storage_path: str = "runs/tune"  # where trials, checkpoints and results live
-    num_samples: int = 8  # trials
+    name: str = "echomamba-study"  # study name: its directory and its MLflow parent run
+    storage_path: str = "runs/tune"  # parent of the study directory (shared storage on a cluster)
+    num_samples: int = 8  # trials in the study
     search_alg: Literal["optuna", "random"] = "optuna"  # Optuna's TPE, or random search
-    max_concurrent: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
+    max_concurrent: int | None = None  # trials side by side; None: what the cluster's CPUs/GPUs fit
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
-    max_epochs: int | None = None  # ASHA's max_t; None: train.epochs
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor of trials at each rung
     experiment: str | None = None  # MLflow experiment; None: tracking.experiment
     seed: int = 0  # seed of the search algorithm
 
     def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"name: expected a plain directory name, got {self.name!r}")
         if self.num_samples < 1:
-            raise ConfigError(f"tune.num_samples: must be >= 1, got {self.num_samples}")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError("tune.grace_period must be >= 1 and tune.reduction_factor >= 2")
+            raise ConfigError(f"num_samples: must be >= 1, got {self.num_samples}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent: must be >= 1 or null, got {self.max_concurrent}")
+        if self.grace_period < 1:
+            raise ConfigError(f"grace_period: must be >= 1, got {self.grace_period}")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction_factor: must be >= 2, got {self.reduction_factor}")
 
 
 @dataclass
 class Study:
-    """A parsed study file."""
+    """A parsed study file: the base training config, the search space and how to run."""
 
-    base: dict[str, Any]  # the training config (validated)
+    base: dict[str, Any]  # the training config as a nested dict (validated)
     search: dict[str, dict[str, list]]  # dotted key -> {distribution: args}
     tune: TuneConfig = field(default_factory=TuneConfig)
 
@@ -80,10 +109,24 @@ class Study:
     def study_dir(self) -> Path:
         return Path(self.tune.storage_path).expanduser().resolve() / self.tune.name
 
+    @property
+    def base_config(self) -> ExperimentConfig:
+        return experiment_from_dict(self.base)
+
+
+# ----------------------------------------------------------------------------------------------
+# The study file
+
 
 def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> Study:
-    """Read and validate a study file; every sampled key must be a valid training-config key.
+    """Read and validate a study file; every value a distribution can give must make a valid config.
 
+    Args:
+        path: the YAML study file.
+        overrides: `key=value` strings applied to the file first (`tune.num_samples=4`,
+            `train.epochs=3`, `search.train.lr={loguniform: [1.0e-4, 1.0e-3]}` ...).
+    Returns:
+        The Study.
     Raises:
         ConfigError: naming the file and the key that is wrong.
     """
@@ -94,30 +137,76 @@ def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> S
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if overrides:
-        data = apply_overrides(data, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
     try:
-        search = data.pop("search", None) or {}
+        data = _apply_search_overrides(data, overrides or [])
+        search = data.pop("search", None)
         tune_cfg = from_dict(TuneConfig, data.pop("tune", None) or {}, prefix="tune")
         if not isinstance(search, dict) or not search:
-            raise ConfigError("search: expected a mapping of config keys to distributions")
-        for key, spec in search.items():
-            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise ConfigError(f"search.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
-            kind, args = next(iter(spec.items()))
-            if not isinstance(args, list) or not args:
-                raise ConfigError(f"search.{key}.{kind}: expected a list of values or [low, high]")
-            # every value the distribution can produce must make a valid config
-            for value in (args if kind == "choice" else args[:2]):
-                experiment_from_dict(apply_overrides(data, [f"{key}={json.dumps(value)}"]))
+            raise ConfigError("search: expected a mapping of dotted config keys to distributions")
         experiment_from_dict(data)
+        for key, spec in search.items():
+            kind, args = _parse_distribution(key, spec)
+            for value in _probe_values(kind, args):
+                try:
+                    experiment_from_dict(with_params(data, {key: value}))
+                except ConfigError as exc:
+                    raise ConfigError(f"search.{key}: value {value!r} gives an invalid config: {exc}") from None
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     return Study(base=data, search=search, tune=tune_cfg)
 
 
+def _apply_search_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`apply_overrides`, except that `search.<dotted key>=...` replaces one search entry whole
+    (its key contains dots that are not sections)."""
+    search_items, rest = [], []
+    for item in overrides:
+        (search_items if item.startswith("search.") else rest).append(item)
+    data = apply_overrides(data, rest)
+    for item in search_items:
+        key, _, raw = item.partition("=")
+        if not raw.strip():
+            raise ConfigError(f"override {item!r}: expected search.KEY={{distribution: [...]}}")
+        data.setdefault("search", {})
+        if not isinstance(data["search"], dict):
+            raise ConfigError("search: expected a mapping")
+        data["search"][key[len("search."):].strip()] = yaml.safe_load(raw)
+    return data
+
+
+def _parse_distribution(key: str, spec: Any) -> tuple[str, list]:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"search.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"search.{key}.{kind}: expected a list, got {args!r}")
+    if kind != "choice":
+        want = 3 if kind == "quniform" else 2
+        if len(args) != want or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            shape = "[low, high, q]" if kind == "quniform" else "[low, high]"
+            raise ConfigError(f"search.{key}.{kind}: expected {shape} numbers, got {args!r}")
+        if not args[0] < args[1]:
+            raise ConfigError(f"search.{key}.{kind}: low must be below high, got {args!r}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"search.{key}.loguniform: bounds must be > 0, got {args!r}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"search.{key}.randint: expected integer [low, high), got {args!r}")
+    return kind, args
+
+
+def _probe_values(kind: str, args: list) -> list:
+    """The values checked against the config: every choice, or both ends of a range."""
+    if kind == "choice":
+        return args
+    if kind == "randint":
+        return [args[0], args[1] - 1]  # the upper bound is exclusive
+    return [args[0], args[1]]
+
+
 def search_space(study: Study) -> dict[str, Any]:
-    """The Ray Tune search space (flat dotted keys -> tune distributions)."""
+    """The Ray Tune search space: flat dotted keys -> Tune distributions."""
     from ray import tune
 
     space = {}
@@ -136,35 +225,103 @@ def search_space(study: Study) -> dict[str, Any]:
     return space
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], *, name: str, storage_path: str) -> dict[str, Any]:
-    """A full training config for one trial: base + sampled params, its own run, no test."""
-    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-    data = apply_overrides(base, overrides)
-    data = apply_overrides(
-        data,
-        [f"run.name={name}", f"run.storage_path={storage_path}", "train.final_test=false", "tracking.enabled=false",
-         "train.progress=false"],
-    )
-    return to_dict(experiment_from_dict(data))
+def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested config `base` with dotted `params` set (values kept as they are, so
+    that e.g. 1e-05 stays a float instead of passing through a YAML string)."""
+    out = apply_overrides(base, [])  # a deep copy
+    for key, value in params.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"search.{key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (which samplers may return) -> Python scalars."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+
+
+def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled parameters: its Tune config without the study's private `_` keys."""
+    return {k: _plain(v) for k, v in config.items() if not k.startswith("_")}
+
+
+def trial_config(
+    base: dict[str, Any], params: dict[str, Any], *, name: str, storage_path: str, fail: bool = False
+) -> dict[str, Any]:
+    """A full training config for one trial: base + sampled params, run in its own directory,
+    validation only (no test split, no MLflow run of its own: the Tuner's callback logs it).
+
+    `fail` (tests only) makes the trial's worker kill itself at its first step, with no retry.
+    """
+    data = with_params(base, params)
+    fixed: dict[str, Any] = {
+        "run.name": name, "run.storage_path": storage_path, "run.resume": True,
+        "train.final_test": False, "train.progress": False, "tracking.enabled": False,
+    }
+    if fail:
+        fixed.update({"train.fail_at_step": 0, "run.max_failures": 0})
+    cfg = experiment_from_dict(with_params(data, fixed))
+    if cfg.train.cpus_per_worker is None:
+        cfg.train.cpus_per_worker = 1.0
+    return to_dict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial (runs in a Tune trial actor)
+
+
+def _epoch_report_callback():
+    """A `TuneReportCallback` that adds `epochs_done` and skips the loop's closing report."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            if first.get("done") or "epoch" not in first:
+                return  # the loop's last report (test metrics of a run without test): not an epoch
+            first[TIME_ATTR] = int(first["epoch"]) + 1
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EpochReportCallback()
 
 
 def trial_driver(config: dict[str, Any]) -> None:
-    """One trial: build and fit a TorchTrainer; Tune sees each epoch through TuneReportCallback."""
+    """One trial: build and fit a TorchTrainer on the trial's config.
+
+    `config` holds the sampled parameters (dotted keys) and the study's private keys: `_base`
+    (the base training config), `_trials_dir` and `_fail_on` (tests: parameters that make the
+    trial fail). A trial restarted after an interruption resumes its trainer from its latest
+    checkpoint (same run name and storage path).
+
+    Raises:
+        RuntimeError: with the failing worker's error when training fails.
+    """
+    import ray.data
     import ray.train
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from echomamba_dist.models.registry import build_model
-    from echomamba_dist.ray_train import TRAIN_DATASET, build_train_dataset, ray_train_entry
+    from echomamba_dist.ray_train import TRAIN_DATASET, build_train_dataset, ray_train_entry, worker_error_message
 
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    trial_name = f"trial-{ray.tune.get_context().get_trial_id()}"
-    cfg_dict = trial_config(config["_base"], params, name=trial_name, storage_path=config["_trials_dir"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    params = sampled_params(config)
+    fail_on = config.get("_fail_on") or {}
+    name = trial_run_name(ray.tune.get_context().get_trial_id())
+    cfg_dict = trial_config(
+        config["_base"], params, name=name, storage_path=config["_trials_dir"],
+        fail=bool(fail_on) and all(params.get(k) == v for k, v in fail_on.items()),
+    )
     cfg = experiment_from_dict(cfg_dict)
-    if config.get("_fail_on") and all(params.get(k) == v for k, v in config["_fail_on"].items()):
-        raise RuntimeError(f"injected trial failure for {params}")  # tests: a failing trial
     sample_mode = build_model(cfg.model, n_items=1).sample_mode
     trainer = TorchTrainer(
         ray_train_entry,
@@ -172,89 +329,245 @@ def trial_driver(config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker or 1, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=trial_name,
+            name=name,
             storage_path=config["_trials_dir"],
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric_key(f"val_{cfg.train.metric}"),
+                num_to_keep=1,  # plus the latest, which Ray always keeps: enough to resume and to test
+                checkpoint_score_attribute=metric_key(f"val_{cfg.train.metric}"),
                 checkpoint_score_order="max",
             ),
-            callbacks=[TuneReportCallback()],
+            callbacks=[_epoch_report_callback()],
         ),
         datasets={TRAIN_DATASET: build_train_dataset(cfg, sample_mode)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        raise RuntimeError(worker_error_message(exc)) from exc
 
 
-def run_study(path: str | os.PathLike, overrides: list[str] | None = None, *, fail_on: dict | None = None) -> dict[str, Any]:
-    """Run (or resume) a study; write best.yaml and results.parquet; return a summary.
+def trial_run_name(trial_id: str) -> str:
+    """The Ray Train run (directory) name of a trial."""
+    return f"trial-{trial_id}"
+
+
+def _trial_dirname(trial) -> str:
+    """Tune's own directory for a trial (short, unlike the default that lists the parameters)."""
+    return trial_run_name(trial.trial_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow
+
+
+@functools.cache
+def _mlflow_callback_class():
+    """The Tuner's MLflow callback class (defined on first use: Ray and MLflow import slowly)."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    skip = set(AUTO_RESULT_KEYS) | {TIME_ATTR, "epoch", "done", "trial_id", "checkpoint_path",
+                                    "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
+
+    class StudyMLflowCallback(MLflowLoggerCallback):
+        """MLflowLoggerCallback for a study: child runs under the parent, one per trial.
+
+        Logs only what matters (the sampled parameters; the loop's metrics with step = epoch),
+        and finds a trial's child run again after the study is resumed instead of opening a
+        second one.
+        """
+
+        def __init__(self, *, tracking_uri: str, experiment_name: str, parent_run_id: str, study: str):
+            super().__init__(
+                tracking_uri=tracking_uri, experiment_name=experiment_name,
+                tags={"mlflow.parentRunId": parent_run_id, STUDY_TAG: study},
+            )
+            self.parent_run_id = parent_run_id
+
+        def log_trial_start(self, trial) -> None:
+            from mlflow.tracking import MlflowClient
+
+            if trial in self._trial_runs:
+                return
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = client.search_runs(
+                [self._experiment_id(client)],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+                f"and tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
+                max_results=1,
+            )
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+            else:
+                run = client.create_run(
+                    self._experiment_id(client), run_name=trial_run_name(trial.trial_id),
+                    tags={**self.tags, TRIAL_ID_TAG: trial.trial_id},
+                )
+                run_id = run.info.run_id
+                from mlflow.entities import Param
+
+                params = sampled_params(trial.config)
+                client.log_batch(run_id, params=[Param(k, json.dumps(v)) for k, v in sorted(params.items())])
+            self._trial_runs[trial] = run_id
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            step = int(result.get("epoch", iteration))
+            now = int(result.get("timestamp", 0) * 1000)
+            metrics = [
+                Metric(k, float(v), now, step) for k, v in result.items()
+                if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ]
+            MlflowClient(tracking_uri=self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            from mlflow.tracking import MlflowClient
+
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            run_id = self._trial_runs.pop(trial)
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            if failed:
+                client.set_tag(run_id, "echomamba.error", _first_line(trial.error_file, trial))
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+        def _experiment_id(self, client) -> str:
+            return client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    return StudyMLflowCallback
+
+
+def _first_line(error_file: str | None, trial) -> str:
+    text = ""
+    try:
+        if error_file and Path(error_file).is_file():
+            text = Path(error_file).read_text(errors="replace")
+    except OSError:
+        pass
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else f"trial {trial.trial_id} failed")[:500]
+
+
+def _parent_run(study: Study, tracking: TrackingConfig) -> str:
+    """Create the study's MLflow parent run, or reopen it when the study resumes; return its id."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from echomamba_dist.train.tracking import git_commit, use_experiment
+
+    experiment = use_experiment(tracking)
+    client = MlflowClient(tracking_uri=tracking.resolved_uri())
+    id_file = study.study_dir / PARENT_RUN_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except MlflowException:
+            pass  # deleted, or another store: start a new parent
+    run = client.create_run(experiment.experiment_id, run_name=study.tune.name,
+                            tags={STUDY_TAG: study.tune.name, "git.commit": git_commit()})
+    params = {
+        **{f"search.{k}": json.dumps(v) for k, v in study.search.items()},
+        **{f"tune.{k}": json.dumps(v) for k, v in to_dict(study.tune).items()},
+        **{k: json.dumps(v) for k, v in flatten(study.base).items()},
+    }
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())],
+                     tags=[RunTag("mlflow.note.content", f"Ray Tune study {study.tune.name}: {study.study_dir}")])
+    tmp = id_file.with_name(f".{PARENT_RUN_FILE}.tmp")
+    tmp.write_text(run.info.run_id)
+    os.replace(tmp, id_file)
+    return run.info.run_id
+
+
+# ----------------------------------------------------------------------------------------------
+# The study (runs on the driver)
+
+
+def trial_concurrency(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
+    """How many trials fit side by side in `resources` (e.g. `ray.cluster_resources()`), leaving
+    one CPU to the Ray Data tasks that build each trial's training set."""
+    workers = cfg.train.num_workers
+    cpus = workers * (cfg.train.cpus_per_worker or 1.0)
+    fit = int((resources.get("CPU", 0) - 1) // cpus)
+    if cfg.train.use_gpu:
+        fit = min(fit, int(resources.get("GPU", 0) // workers))
+    return max(1, fit)
+
+
+def run_study(
+    path: str | os.PathLike, overrides: list[str] | None = None, *, fail_on: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run a study, or resume it when its directory holds an interrupted one; then summarise.
 
     Args:
         path: the study file.
         overrides: `key=value` overrides applied to the study file.
-        fail_on: tests only: trials whose sampled params match this dict raise.
+        fail_on: tests only: trials whose sampled parameters match this dict fail.
+    Returns:
+        The summary from `summarize`.
+    Raises:
+        ConfigError: the study file is invalid.
+        RuntimeError: every trial failed.
     """
-    import mlflow
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     from echomamba_dist.ray_train import init_ray
 
     study = load_study(path, overrides)
-    base_cfg = experiment_from_dict(study.base)
+    base_cfg = study.base_config
+    if base_cfg.data.path:  # trials run in their own working directories
+        study.base = with_params(study.base, {"data.path": str(Path(base_cfg.data.path).expanduser().resolve())})
     metric = metric_key(f"val_{base_cfg.train.metric}")
     study_dir = study.study_dir
     study_dir.mkdir(parents=True, exist_ok=True)
-    trials_dir = str(study_dir / "trials")
+    tracking = TrackingConfig(
+        enabled=True, tracking_uri=base_cfg.tracking.resolved_uri(),
+        experiment=study.tune.experiment or base_cfg.tracking.experiment,
+    )
+    parent_id = _parent_run(study, tracking)
+
     init_ray()
-
-    # MLflow: a parent run for the study (resumed by id), one child run per trial
-    uri = base_cfg.tracking.resolved_uri()
-    experiment = study.tune.experiment or base_cfg.tracking.experiment
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment)
-    parent_file = study_dir / "mlflow_parent_run_id"
-    parent_id = parent_file.read_text().strip() if parent_file.is_file() else None
-    if parent_id is None:
-        parent = mlflow.start_run(run_name=study.tune.name, experiment_id=exp.experiment_id)
-        parent_id = parent.info.run_id
-        mlflow.log_params({f"search.{k}": json.dumps(v) for k, v in study.search.items()})
-        mlflow.log_params({f"tune.{k}": str(v) for k, v in to_dict(study.tune).items()})
-        mlflow.end_run()
-        parent_file.write_text(parent_id)
-
-    max_epochs = study.tune.max_epochs or base_cfg.train.epochs
-    per_trial_cpus = base_cfg.train.num_workers * (base_cfg.train.cpus_per_worker or 1)
-    concurrency = study.tune.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // max(per_trial_cpus, 1)))
-    if base_cfg.train.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        concurrency = min(concurrency, max(1, int(gpus // base_cfg.train.num_workers)))
-
-    trainable = tune.with_resources(trial_driver, {"CPU": 0})  # the driver only waits on its trainer
+    concurrency = study.tune.max_concurrent or trial_concurrency(base_cfg, ray.cluster_resources())
+    # The driver only waits on its trainer, whose workers hold the trial's resources; Ray wants
+    # some resource in a trial's request, so it asks for a token CPU share.
+    trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPU})
     param_space = {
         **search_space(study),
         "_base": study.base,
-        "_trials_dir": trials_dir,
+        "_trials_dir": str(study_dir / TRIALS_DIR),
         "_fail_on": fail_on or {},
     }
-    callbacks = [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags={"mlflow.parentRunId": parent_id})]
-    tuner_path = study_dir / "tuner"
+    tuner_path = study_dir / TUNER_DIR
     if tune.Tuner.can_restore(str(tuner_path)):
-        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, param_space=param_space, resume_errored=False,
-                                   restart_errored=False)
+        print(f"resuming the study in {study_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, param_space=param_space)
     else:
         if study.tune.search_alg == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(seed=study.tune.seed)
         else:
-            search_alg = tune.search.BasicVariantGenerator(random_state=study.tune.seed)
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(random_state=study.tune.seed)
+        callback = _mlflow_callback_class()(
+            tracking_uri=tracking.resolved_uri(), experiment_name=tracking.experiment,
+            parent_run_id=parent_id, study=study.tune.name,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -262,87 +575,213 @@ def run_study(path: str | os.PathLike, overrides: list[str] | None = None, *, fa
                 metric=metric,
                 mode="max",
                 num_samples=study.tune.num_samples,
-                search_alg=tune.search.ConcurrencyLimiter(search_alg, max_concurrent=concurrency)
-                if study.tune.search_alg == "optuna" else search_alg,
+                search_alg=search_alg,
                 max_concurrent_trials=concurrency,
                 scheduler=ASHAScheduler(
-                    time_attr="epoch", max_t=max_epochs, grace_period=study.tune.grace_period,
+                    time_attr=TIME_ATTR, max_t=base_cfg.train.epochs, grace_period=study.tune.grace_period,
                     reduction_factor=study.tune.reduction_factor,
                 ),
+                trial_dirname_creator=_trial_dirname,
             ),
-            run_config=tune.RunConfig(name="tuner", storage_path=str(study_dir), callbacks=callbacks),
+            run_config=tune.RunConfig(name=TUNER_DIR, storage_path=str(study_dir), callbacks=[callback]),
         )
-    results = tuner.fit()
-    return summarize(study, results, metric=metric, parent_id=parent_id, tracking_uri=uri)
+    print(f"study {study.tune.name}: {study.tune.num_samples} trials, {concurrency} at a time, "
+          f"{study.tune.search_alg} search, ASHA on {metric}; MLflow parent run {parent_id}", flush=True)
+    try:
+        results = tuner.fit()
+    except BaseException:
+        _end_parent(tracking, parent_id, "KILLED")
+        raise
+    return summarize(study, results, metric=metric, parent_id=parent_id, tracking=tracking)
 
 
-def summarize(study: Study, results, *, metric: str, parent_id: str, tracking_uri: str) -> dict[str, Any]:
-    """Write results.parquet and best.yaml; test the best trial once; print the table."""
-    import mlflow
+def _end_parent(tracking: TrackingConfig, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking.resolved_uri()).set_terminated(run_id, status=status)
+    except Exception:  # never hide the error that got us here
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+def trial_history(run_dir: Path) -> dict[str, Any] | None:
+    """What a trial's latest checkpoint knows: epochs run, best epoch and metric, history.
+
+    The checkpoint (not Tune's result log) is the record, so that a trial restarted by a resumed
+    study is summarised over all of its epochs. None when the trial wrote no checkpoint.
+    """
+    from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    meta = read_meta(ckpt)
+    return {"checkpoint": ckpt, "epochs": int(meta["epoch"]), "best_epoch": int(meta["best_epoch"]),
+            "best": float(meta["best_metric"]), "history": meta.get("history", [])}
+
+
+def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
+    """One row per trial of a Tune ResultGrid (see `summarize`)."""
+    epochs_max = study.base_config.train.epochs
+    rows = []
+    for r in results:
+        trial_id = Path(r.path).name.removeprefix("trial-")
+        run_dir = study.study_dir / TRIALS_DIR / trial_run_name(trial_id)
+        hist = trial_history(run_dir)
+        finished = (run_dir / "metrics.json").is_file()  # the loop ran to its end (or its patience)
+        if r.error:
+            status = "ERROR"
+        elif hist is None:
+            status = "NO_RESULT"
+        elif finished or hist["epochs"] >= epochs_max:
+            status = "COMPLETED"
+        else:
+            status = "STOPPED_EARLY"  # by ASHA
+        error = ""
+        if r.error:
+            lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
+            error = next((ln for ln in lines if "training failed on a worker" in ln), lines[-1] if lines else "")
+        rows.append({
+            "trial_id": trial_id,
+            "status": status,
+            "epochs": hist["epochs"] if hist else 0,
+            "best_epoch": hist["best_epoch"] if hist else -1,
+            metric: hist["best"] if hist else float("nan"),
+            **{f"param.{k}": v for k, v in sampled_params(r.config or {}).items()},
+            "error": error[:500],
+            "run_dir": str(run_dir),
+        })
+    rows.sort(key=lambda row: (-row[metric] if row[metric] == row[metric] else math.inf, row["trial_id"]))
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    """The rows as a Parquet file, written atomically; a parameter column whose values mix types
+    is stored as JSON text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = []
-    for r in results:
-        params = {k: v for k, v in (r.config or {}).items() if not k.startswith("_")}
-        history = r.metrics_dataframe
-        best = float(history[metric].max()) if history is not None and metric in history else float("nan")
-        epochs = int(history["epoch"].max()) + 1 if history is not None and "epoch" in history else 0
-        rows.append({
-            "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
-            "status": "ERROR" if r.error else ("STOPPED_EARLY" if epochs < (study.tune.max_epochs or experiment_from_dict(study.base).train.epochs) and not (r.metrics or {}).get("done") else "TERMINATED"),
-            "best_" + metric: best,
-            "epochs": epochs,
-            "params": json.dumps(params, sort_keys=True),
-            "error": str(r.error).splitlines()[0][:300] if r.error else "",
-        })
-    table = pa.Table.from_pylist(rows)
-    out = study.study_dir / "results.parquet"
-    tmp = out.with_name(".results.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    columns = {}
+    for name in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([json.dumps(v) for v in values])
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
 
-    ok = [row for row in rows if not row["error"] and row["best_" + metric] == row["best_" + metric]]
+
+def format_results(rows: list[dict[str, Any]], *, metric: str) -> str:
+    """The results table as text, best trial first."""
+    params = [k for k in dict.fromkeys(k for row in rows for k in row) if k.startswith("param.")]
+    head = ["trial", "status", "epochs", metric] + [p.rsplit(".", 1)[-1] for p in params]
+    body = []
+    for row in rows:
+        cells = [row["trial_id"], row["status"], str(row["epochs"]), f"{row[metric]:.4f}"]
+        for p in params:
+            v = row.get(p)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        body.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [head, *body]]
+    return "\n".join(lines)
+
+
+def summarize(study: Study, results, *, metric: str, parent_id: str, tracking: TrackingConfig) -> dict[str, Any]:
+    """Write results.parquet and best.yaml, test the best trial once, log them to the parent run.
+
+    The best trial is the one with the highest validation metric at any of its epochs; best.yaml
+    is the base config with its parameters, to be trained in full by `echomamba train`.
+
+    Returns:
+        {"best_trial", "best_config", "results", "test", "rows", "parent_run_id"}.
+    Raises:
+        RuntimeError: no trial produced a validation metric.
+    """
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    study_dir = study.study_dir
+    rows = results_rows(study, results, metric=metric)
+    results_path = study_dir / RESULTS_FILE
+    write_results(rows, results_path)
+    print(format_results(rows, metric=metric))
+
+    ok = [row for row in rows if row["status"] != "ERROR" and row[metric] == row[metric]]
     if not ok:
-        raise RuntimeError(f"every trial failed; see {study.study_dir}")
-    best_row = max(ok, key=lambda row: row["best_" + metric])
-    best_params = json.loads(best_row["params"])
-    best = experiment_from_dict(apply_overrides(study.base, [f"{k}={json.dumps(v)}" for k, v in best_params.items()]))
+        _end_parent(tracking, parent_id, "FAILED")
+        raise RuntimeError(f"study {study.tune.name}: no trial produced a validation metric; see {results_path}")
+    best_row = ok[0]
+    params = {k[len("param."):]: v for k, v in best_row.items() if k.startswith("param.")}
+    best = experiment_from_dict(with_params(study.base, params))
     best.run.name = f"{study.tune.name}-best"
-    best_path = study.study_dir / "best.yaml"
-    save_config(best, best_path)
+    best_path = study_dir / BEST_FILE
+    _write_best(best, best_path, study=study, row=best_row, metric=metric)
 
-    test = best_trial_test_metrics(study, best_row)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=parent_id):
-        mlflow.log_metric(f"best_{metric}", best_row["best_" + metric])
-        for k, v in (test or {}).items():
-            mlflow.log_metric(metric_key(f"best_test_{k}"), v)
-        mlflow.log_artifact(str(best_path))
-        mlflow.log_artifact(str(out))
+    test = best_trial_test_metrics(Path(best_row["run_dir"]))
+    client = MlflowClient(tracking_uri=tracking.resolved_uri())
+    now = _now_ms()
+    client.log_batch(
+        parent_id,
+        metrics=[Metric(f"best_{metric}", best_row[metric], now, 0)]
+        + [Metric(metric_key(f"best_test_{k}"), float(v), now, 0) for k, v in test.items()],
+        tags=[RunTag("echomamba.best_trial", best_row["trial_id"]),
+              RunTag("echomamba.trials", json.dumps({s: sum(r["status"] == s for r in rows) for s in
+                                                      ("COMPLETED", "STOPPED_EARLY", "ERROR", "NO_RESULT")}))],
+    )
+    client.log_artifact(parent_id, str(best_path))
+    client.log_artifact(parent_id, str(results_path))
+    client.set_terminated(parent_id, status="FINISHED")
 
-    print(f"{'trial':<18}{'status':<15}{'epochs':>7}{'best ' + metric:>22}  params")
-    for row in sorted(rows, key=lambda r: -(r["best_" + metric] if r["best_" + metric] == r["best_" + metric] else -1)):
-        print(f"{row['trial_id']:<18}{row['status']:<15}{row['epochs']:>7}{row['best_' + metric]:>22.4f}  {row['params']}")
-    print(f"\nbest: {best_row['trial_id']}  {metric} {best_row['best_' + metric]:.4f}  test {json.dumps(test)}")
-    print(f"best config: {best_path}\nresults: {out}")
-    return {"best_trial": best_row["trial_id"], "best_config": str(best_path), "results": str(out), "test": test, "rows": rows}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("COMPLETED", "STOPPED_EARLY", "ERROR")}
+    print(f"\n{len(rows)} trials: {counts['COMPLETED']} completed, {counts['STOPPED_EARLY']} stopped early by ASHA, "
+          f"{counts['ERROR']} failed")
+    print(f"best trial {best_row['trial_id']}: {metric} {best_row[metric]:.4f} (epoch {best_row['best_epoch']}); "
+          f"its test metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    print(f"best config: {best_path}  (echomamba train --config {best_path})\nresults: {results_path}")
+    return {"best_trial": best_row["trial_id"], "best_config": str(best_path), "results": str(results_path),
+            "test": test, "rows": rows, "parent_run_id": parent_id}
 
 
-def best_trial_test_metrics(study: Study, best_row: dict[str, Any]) -> dict[str, float] | None:
-    """Score the best trial's best checkpoint on the test split (the only test of the study)."""
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _write_best(cfg: ExperimentConfig, path: Path, *, study: Study, row: dict[str, Any], metric: str) -> None:
+    """best.yaml: the full training config, with a header saying where it comes from."""
+    header = (
+        f"# Best configuration of study {study.tune.name} ({study.study_dir}):\n"
+        f"# trial {row['trial_id']}, {metric} {row[metric]:.4f} at epoch {row['best_epoch']}.\n"
+        f"# Train it in full: echomamba train --config {path.name}\n"
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def best_trial_test_metrics(run_dir: Path) -> dict[str, float]:
+    """Score a trial's best weights on the test split: the only use of the test split in a study.
+
+    Raises:
+        CheckpointError: the trial has no checkpoint.
+    """
     import torch
 
     from echomamba_dist.inference import load_model
     from echomamba_dist.train.evaluate import evaluate_model
     from echomamba_dist.train.loop import build_training_data
 
-    trial_root = study.study_dir / "trials" / f"trial-{best_row['trial_id']}"
-    ckpts = sorted(trial_root.glob("epoch_*"), key=lambda p: p.name) if trial_root.is_dir() else []
-    if not ckpts:
-        return None
-    loaded = load_model(ckpts[-1])  # its best weights travel with the latest checkpoint
-    data = build_training_data(loaded.config, loaded.model.sample_mode)
-    metrics = evaluate_model(loaded.model, data.test, ks=loaded.config.train.ks,
-                             batch_size=loaded.config.train.eval_batch_size, device=torch.device("cpu"))
-    return {k: v for k, v in metrics.items() if k != "count"}
+    loaded = load_model(run_dir)  # the latest checkpoint carries the best weights so far
+    cfg = loaded.config
+    data = build_training_data(cfg, loaded.model.sample_mode)
+    metrics = evaluate_model(loaded.model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size,
+                             device=torch.device("cpu"), exclude_history=cfg.train.exclude_history)
+    return {k: float(v) for k, v in metrics.items() if k != "count"}

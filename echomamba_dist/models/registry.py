@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from echomamba_dist.models.base import SequentialRecommender
+from echomamba_dist.models.bert4rec import BERT4Rec, BERT4RecConfig
+from echomamba_dist.models.bimamba4rec import BiMamba4Rec, BiMamba4RecConfig
+from echomamba_dist.models.bimambaformer4rec import BiMambaformer4Rec, BiMambaformer4RecConfig
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
 from echomamba_dist.models.gru4rec import GRU4Rec, GRU4RecConfig
 from echomamba_dist.models.mamba4rec import Mamba4Rec, Mamba4RecConfig
+from echomamba_dist.models.narm import NARM, NARMConfig
 from echomamba_dist.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type[SequentialRecommender], type]] = {
@@ -19,6 +23,10 @@ MODELS: dict[str, tuple[type[SequentialRecommender], type]] = {
     "sasrec": (SASRec, SASRecConfig),
     "gru4rec": (GRU4Rec, GRU4RecConfig),
     "mamba4rec": (Mamba4Rec, Mamba4RecConfig),
+    "narm": (NARM, NARMConfig),
+    "bert4rec": (BERT4Rec, BERT4RecConfig),
+    "bimamba4rec": (BiMamba4Rec, BiMamba4RecConfig),
+    "bimambaformer4rec": (BiMambaformer4Rec, BiMambaformer4RecConfig),
 }
 
 # Catalogue size used for the parameter counts of `list_models`: Amazon-Beauty's 12,101 items

@@ -3,27 +3,33 @@
 Same signature, shapes and math as `selective_scan_ref` (see `echomamba_dist.ops.selective_scan`).
 The reference materialises several (B, D, N) tensors per step and autograd keeps them all, so its
 memory grows as B*D*L*N. Here each (batch, channel) pair runs its whole recurrence with the
-N-vector state in a small local array; the forward saves only its inputs, and the backward
-recomputes the states of one (b, d) pair at a time into an (L+1, N) scratch before running the
-adjoint recurrence backwards in time. Peak memory is therefore the inputs, the output and the
-gradients, O(B*D*L + B*L*N).
+N-vector state in a small array; the forward keeps only its inputs and the step sizes dt
+(B, D, L), and the backward recomputes the states of one (b, d) pair at a time into an (L+1, N)
+scratch before running the adjoint recurrence backwards in time. Peak memory is the inputs, the
+output, dt and the gradients: O(B*D*L + B*L*N), never B*D*L*N.
 
+Work is split over (b, d) pairs and run on as many threads as `torch.get_num_threads()`.
 Compute is fp32 for fp32/bf16/fp16 inputs (as the reference) and fp64 for fp64 inputs, so that
 `torch.autograd.gradcheck` can check the backward exactly; Numba compiles one specialisation per
-dtype on first use and caches it on disk when the package directory is writable.
+dtype on first use (~10 s) and caches it on disk when the package directory is writable.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import prange, types
+from numba import types
 from numba.extending import overload
+
+from echomamba_dist.ops.selective_scan import selective_scan_ref
 
 # Work items per thread: enough to balance uneven chunks, few enough that the per-item scratch
 # and the per-item gradient partials stay negligible.
@@ -122,26 +128,32 @@ def _dot(a, b, n):
 
 
 # --- kernels -------------------------------------------------------------------------------------
-# The kernels do only the O(B*D*L*N) part: the recurrence over the state. What is elementwise in
-# (B, D, L) (bias, softplus, skip, gate and their gradients) is left to torch, whose vectorised
-# softplus and sigmoid cost far less than one scalar libm call per step inside the kernels.
+# Everything is fused per (b, d) pair except softplus (a log1p, which torch vectorises and we
+# have no vectorisable version of): the forward's skip and gate, the backward's gate and softplus
+# slopes run as loops over t inside the kernels, so a backward is one kernel launch plus a few
+# small sums, not two dozen elementwise torch passes over (B, D, L) tensors.
 #
-# Each parallel kernel is a thin prange over work items calling a serial function for one item:
-# compiled inside a parfor, the backward's loop nest ran 2.5x slower than the same code compiled
-# as a plain function. The serial functions take their scratch arrays as arguments: the data
-# pointer of an array allocated inside the function is reloaded after every store (LLVM cannot
-# tell that a float store does not overwrite it), which kept the loops over N from vectorising.
+# Parallelism: each kernel is a serial, GIL-free function over one work item (a range of (b, d)
+# pairs), and `_run_items` spreads the items over a thread pool sized like torch's. Numba's own
+# `parallel=True` was slower on both counts we measured: compiled inside a parfor the backward's
+# loop nest ran 2.5x slower than as a plain function, and Numba's OpenMP layer (a second OpenMP
+# runtime next to torch's) left its threads spinning, so small calls took ~5x longer.
+# The kernels take their scratch arrays as arguments: the data pointer of an array allocated
+# inside the function is reloaded after every store (LLVM cannot tell that a float store does not
+# overwrite it), which kept the loops over N from vectorising.
 
 
-@_jit(fastmath=_CONTRACT)
-def _scan_fwd_pairs(u, dt, A, Bt, Ct, start, stop, y, h):
-    """y[b, d, t] = <h_t, C_t> for the flattened (b, d) pairs start..stop-1; h: (N,) scratch."""
+@_jit(fastmath=_CONTRACT, nogil=True)
+def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
+    """out[b, d, :] for the flattened (b, d) pairs start..stop-1; h: (N,) scratch."""
     d_inner, length = u.shape[1], u.shape[2]
     n_state = A.shape[1]
+    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 would promote fp32 arithmetic to fp64
     for bd in range(start, stop):
         b = bd // d_inner
         d = bd - b * d_inner
         A_d = A[d]
+        out_bd = out[b, d]
         h[:] = 0
         for t in range(length):
             dt_t = dt[b, d, t]
@@ -149,47 +161,69 @@ def _scan_fwd_pairs(u, dt, A, Bt, Ct, start, stop, y, h):
             B_t = Bt[b, t]
             for n in range(n_state):
                 h[n] = _exp(dt_t * A_d[n]) * h[n] + dtu * B_t[n]
-            y[b, d, t] = _dot(h, Ct[b, t], n_state)
+            out_bd[t] = _dot(h, Ct[b, t], n_state)
+        if has_D:
+            D_d = Dv[d]
+            u_bd = u[b, d]
+            for t in range(length):
+                out_bd[t] += D_d * u_bd[t]
+        if has_z:
+            z_bd = z[b, d]
+            for t in range(length):
+                out_bd[t] *= z_bd[t] / (one + _exp(-z_bd[t]))  # SiLU
 
 
-@_jit(parallel=True)
-def _scan_fwd_kernel(u, dt, A, Bt, Ct, n_items, y):
-    """The scan of every (b, d) pair into y, the pairs split into `n_items` parallel ranges.
-
-    dt is the step size after bias and softplus; Bt, Ct are B, C transposed to (B, L, N), so
-    that the N-vector of step t is contiguous.
-    """
-    total = u.shape[0] * u.shape[1]
-    for item in prange(n_items):
-        start, stop = item * total // n_items, (item + 1) * total // n_items
-        _scan_fwd_pairs(u, dt, A, Bt, Ct, start, stop, y, np.empty(A.shape[1], dtype=A.dtype))
-
-
-@_jit(fastmath=_CONTRACT)
+@_jit(fastmath=_CONTRACT, nogil=True)
 def _scan_bwd_block(
-    u, dt, A, Bt, Ct, gy, b0, b1, d0, d1, du, ddt, y, dA_acc, dBt_acc, dCt_acc,
-    hs, decays, h, lam, lam_next, lam_h_a,
+    u, dt, A, Bt, Ct, Dv, z, delta, bias, dout, has_z, softplus, b0, b1, d0, d1,
+    du, ddelta, dz, dA_acc, dBt_acc, dCt_acc, dD_acc, dbias_acc,
+    hs, decays, h, lam, lam_next, lam_h_a, ys, gy, sig_z, slope,
 ):  # fmt: skip
     """Gradients from the pairs b0 <= b < b1, d0 <= d < d1, recomputing their forward states.
 
-    gy is dL/dy for y = <h_t, C_t>. du (the scan's share), ddt (dL/d dt) and y are written for
-    these pairs; dA_acc (D, N), dBt_acc and dCt_acc (B, L, N) are added to. Scratch:
-    hs (L+1, N), hs[t + 1] the state after step t and hs[0] = 0; decays (L, N), exp(dt_t * A[d]);
-    h (N,), the running state; lam (N,), dL/dh_t; lam_next (N,), dL/dh_{t+1} * decay_{t+1}, h_t's share of it;
-    lam_h_a (N,), dL/dh_t * h_{t-1} * decay_t.
+    Dv and bias are zeros when the scan had none. du, ddelta and dz are written for these pairs;
+    dA_acc (D, N), dBt_acc and dCt_acc (B, L, N), dD_acc and dbias_acc (D,) are added to.
+    Scratch: hs (L+1, N): hs[t + 1] is the state after step t, hs[0] = 0; decays (L, N):
+    exp(dt_t * A[d]); h (N,): the running state; lam (N,): dL/dh_t; lam_next (N,):
+    dL/dh_{t+1} * decay_{t+1}, the share of h_t; lam_h_a (N,): dL/dh_t * h_{t-1} * decay_t;
+    ys (L,): <h_t, C_t>; gy (L,): dL/dy before the gate; sig_z (L,): sigmoid(z); slope (L,):
+    d dt / d delta.
     """
     length = u.shape[2]
     n_state = A.shape[1]
+    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
+    zero = one - one
     hs[0] = 0
     for b in range(b0, b1):
         for d in range(d0, d1):
             A_d = A[d]
+            D_d = Dv[d]
             dA_d = dA_acc[d]
+            u_bd = u[b, d]
+            dout_bd = dout[b, d]
+            # Elementwise parts, vectorised over t: the gate, and softplus's slope (as torch's
+            # softplus backward: 1 above the threshold, sigmoid below).
+            if has_z:
+                z_bd = z[b, d]
+                for t in range(length):
+                    sig_z[t] = one / (one + _exp(-z_bd[t]))
+                for t in range(length):
+                    gy[t] = dout_bd[t] * z_bd[t] * sig_z[t]
+            else:
+                for t in range(length):
+                    gy[t] = dout_bd[t]
+            if softplus:
+                delta_bd = delta[b, d]
+                bias_d = bias[d]
+                for t in range(length):
+                    x = delta_bd[t] + bias_d
+                    s = one / (one + _exp(-x))
+                    slope[t] = one if x > _SOFTPLUS_THRESHOLD else s
             # Recompute the forward pass of this pair.
             h[:] = 0
             for t in range(length):
                 dt_t = dt[b, d, t]
-                dtu = dt_t * u[b, d, t]
+                dtu = dt_t * u_bd[t]
                 B_t = Bt[b, t]
                 h_t = hs[t + 1]
                 decay_t = decays[t]
@@ -201,12 +235,14 @@ def _scan_bwd_block(
                     h_n = a * h[n] + dtu * B_t[n]
                     h[n] = h_n
                     h_t[n] = h_n
-                y[b, d, t] = _dot(h, Ct[b, t], n_state)
+                ys[t] = _dot(h, Ct[b, t], n_state)
             # Adjoint recurrence, backwards in time.
             lam_next[:] = 0
+            dD_d = zero
+            dbias_d = zero
             for t in range(length - 1, -1, -1):
-                g = gy[b, d, t]
-                ut = u[b, d, t]
+                g = gy[t]
+                ut = u_bd[t]
                 dt_t = dt[b, d, t]
                 dtu = dt_t * ut
                 B_t = Bt[b, t]
@@ -229,143 +265,174 @@ def _scan_bwd_block(
                     dB_t[n] += lam[n] * dtu
                     lam_next[n] = lam[n] * decay_t[n]
                 # h_t = decay * h_{t-1} + dt * u * B  =>  dL/d dt = sum_n lam_n (h_{t-1} A decay
-                # + u B), dL/du = dt * sum_n lam_n B.
+                # + u B), dL/du = dt * sum_n lam_n B (+ D from the skip connection).
                 lam_b = _dot(lam, B_t, n_state)
-                ddt[b, d, t] = _dot(lam_h_a, A_d, n_state) + lam_b * ut
-                du[b, d, t] = lam_b * dt_t
-
-
-@_jit(parallel=True)
-def _scan_bwd_kernel(
-    u, dt, A, Bt, Ct, gy, n_bchunks, n_dchunks, du, ddt, y, dA_part, dBt_part, dCt_part
-):  # fmt: skip
-    """Gradients of the scan; work item (bc, dc) is batch chunk bc x channel chunk dc.
-
-    dB and dC (summed over channels) go to partials indexed by dc, dA (summed over the batch) to
-    partials indexed by bc: two items that write the same partial element would need the same
-    (b, dc) or the same (bc, d), i.e. be the same item, so there are no write races. The caller
-    sums the partials.
-    """
-    batch, d_inner, length = u.shape
-    n_state = A.shape[1]
-    for item in prange(n_bchunks * n_dchunks):
-        bc = item // n_dchunks
-        dc = item - bc * n_dchunks
-        _scan_bwd_block(
-            u, dt, A, Bt, Ct, gy,
-            bc * batch // n_bchunks, (bc + 1) * batch // n_bchunks,
-            dc * d_inner // n_dchunks, (dc + 1) * d_inner // n_dchunks,
-            du, ddt, y, dA_part[bc], dBt_part[dc], dCt_part[dc],
-            np.empty((length + 1, n_state), dtype=A.dtype),
-            np.empty((length, n_state), dtype=A.dtype),
-            np.empty(n_state, dtype=A.dtype),
-            np.empty(n_state, dtype=A.dtype),
-            np.empty(n_state, dtype=A.dtype),
-            np.empty(n_state, dtype=A.dtype),
-        )  # fmt: skip
+                ddt = _dot(lam_h_a, A_d, n_state) + lam_b * ut
+                du[b, d, t] = lam_b * dt_t + g * D_d
+                dD_d += g * ut
+                if softplus:
+                    ddt *= slope[t]
+                ddelta[b, d, t] = ddt
+                dbias_d += ddt
+            if has_z:
+                dz_bd = dz[b, d]
+                for t in range(length):
+                    zt = z_bd[t]
+                    s = sig_z[t]
+                    dz_bd[t] = dout_bd[t] * (ys[t] + D_d * u_bd[t]) * s * (one + zt * (one - s))
+            dD_acc[d] += dD_d
+            dbias_acc[d] += dbias_d
 
 
 # --- autograd ------------------------------------------------------------------------------------
 
 
-def _use_torch_threads() -> int:
-    """Run the kernels on as many threads as torch uses (capped by Numba's pool); returns it."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child inherits the executors but not their threads; it starts its own.
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+def _run_items(fn, items, threads: int) -> None:
+    """fn(*args) for every args tuple in items, on `threads` threads (inline when 1)."""
+    if threads <= 1 or len(items) <= 1:
+        for args in items:
+            fn(*args)
+        return
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads, "selective_scan_cpu")
+    for future in [pool.submit(fn, *args) for args in items]:
+        future.result()  # re-raises a kernel's exception here
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _step_sizes(delta, delta_bias, softplus):
-    """(dt, d dt / d delta): the step sizes the scan uses and their slope (None when it is 1)."""
-    x = delta if delta_bias is None else delta + delta_bias[None, :, None]
-    if not softplus:
-        return x.contiguous(), None
-    slope = torch.where(x > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(x))  # as softplus's backward
-    return F.softplus(x).contiguous(), slope
-
-
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        d_inner = u.shape[1]
 
         def prep(t):
             return None if t is None else t.detach().to(compute).contiguous()
 
-        u_c, delta_c, A_c, D_c, z_c, bias_c = map(prep, (u, delta, A, D, z, delta_bias))
+        u_c, delta_c, A_c, z_c = map(prep, (u, delta, A, z))
         Bt = prep(B.transpose(1, 2))  # (B, L, N); free when B is already laid out this way
         Ct = prep(C.transpose(1, 2))
-        dt, _ = _step_sizes(delta_c, bias_c, delta_softplus)
+        zeros = torch.zeros(d_inner, dtype=compute)
+        D_c = zeros if D is None else prep(D)
+        bias_c = zeros if delta_bias is None else prep(delta_bias)
+        dt = delta_c if delta_bias is None else delta_c + bias_c[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
 
-        y = torch.empty_like(u_c)
-        threads = _use_torch_threads()
-        n_items = max(1, min(u.shape[0] * u.shape[1], threads * _ITEMS_PER_THREAD))
-        _scan_fwd_kernel(_np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), n_items, _np(y))
-        if D_c is not None:
-            y += u_c * D_c[:, None]
-        if z_c is not None:
-            y *= F.silu(z_c)
+        out = torch.empty_like(u_c)
+        threads = torch.get_num_threads()
+        pairs = u.shape[0] * d_inner
+        n_items = 1 if threads == 1 else max(1, min(pairs, threads * _ITEMS_PER_THREAD))
+        arrays = (
+            _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
+            _np(u_c if z_c is None else z_c), D is not None, z is not None,
+        )  # fmt: skip
+        n_state = A.shape[1]
+        items = [
+            (*arrays, i * pairs // n_items, (i + 1) * pairs // n_items, _np(out),
+             np.empty(n_state, dtype=arrays[0].dtype))  # scratch: h
+            for i in range(n_items)
+        ]  # fmt: skip
+        _run_items(_scan_fwd_pairs, items, threads)
 
-        ctx.save_for_backward(u_c, delta_c, A_c, Bt, Ct, D_c, z_c, bias_c)
+        # dt is kept (one (B, D, L) tensor) rather than recomputed: softplus is the one
+        # elementwise step the kernels leave to torch.
+        ctx.save_for_backward(u_c, dt, A_c, Bt, Ct, D_c, z_c, delta_c, bias_c)
         ctx.softplus = bool(delta_softplus)
-        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias)]
-        return y.to(u.dtype)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+        return out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        u_c, delta_c, A_c, Bt, Ct, D_c, z_c, bias_c = ctx.saved_tensors
+        u_c, dt, A_c, Bt, Ct, D_c, z_c, delta_c, bias_c = ctx.saved_tensors
         batch, d_inner, length = u_c.shape
         n_state = A_c.shape[1]
-        need = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "bias"), ctx.needs_input_grad))
-        dout = dout.to(u_c.dtype)
-        dt, slope = _step_sizes(delta_c, bias_c, ctx.softplus)
-        if z_c is not None:
-            sig_z = torch.sigmoid(z_c)
-            gy = (dout * z_c * sig_z).contiguous()  # dL/dy before the gate
-        else:
-            gy = dout.contiguous()
+        dout = dout.to(u_c.dtype).contiguous()
 
-        threads = _use_torch_threads()
+        threads = torch.get_num_threads()
         items = threads * _ITEMS_PER_THREAD
-        if batch >= items:
+        if threads == 1:
+            n_bchunks, n_dchunks = 1, 1
+        elif batch >= items:
             n_bchunks, n_dchunks = items, 1
         else:  # few sequences: split the channels too, so that every thread has work
-            n_bchunks, n_dchunks = max(batch, 1), min(d_inner, -(-items // max(batch, 1)))
+            n_bchunks, n_dchunks = max(batch, 1), max(1, min(d_inner, -(-items // max(batch, 1))))
         du = torch.empty_like(u_c)
-        ddt = torch.empty_like(u_c)
-        y = torch.empty_like(u_c)  # <h_t, C_t>, recomputed; the gate's gradient needs it
-        dA_part = torch.zeros(n_bchunks, d_inner, n_state, dtype=u_c.dtype)
-        dBt_part = torch.zeros(n_dchunks, batch, length, n_state, dtype=u_c.dtype)
-        dCt_part = torch.zeros(n_dchunks, batch, length, n_state, dtype=u_c.dtype)
-        _scan_bwd_kernel(
-            _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(gy), n_bchunks, n_dchunks,
-            _np(du), _np(ddt), _np(y), _np(dA_part), _np(dBt_part), _np(dCt_part),
-        )  # fmt: skip
+        ddelta = torch.empty_like(u_c)
+        dz = torch.empty_like(u_c) if z_c is not None else torch.empty(1, 1, 1, dtype=u_c.dtype)
 
-        grads = dict.fromkeys(need)
-        grads["A"] = dA_part.sum(0)
-        grads["B"] = dBt_part.sum(0).transpose(1, 2)  # back to (B, N, L)
-        grads["C"] = dCt_part.sum(0).transpose(1, 2)
-        ddelta = ddt if slope is None else ddt * slope
-        grads["delta"] = ddelta
-        if bias_c is not None:
-            grads["bias"] = ddelta.sum((0, 2))
-        if D_c is not None:
-            du += gy * D_c[:, None]
-            grads["D"] = (gy * u_c).sum((0, 2))
-            if need["z"]:
-                y += u_c * D_c[:, None]
-        grads["u"] = du
-        if z_c is not None and need["z"]:
-            grads["z"] = dout * y * sig_z * (1 + z_c * (1 - sig_z))  # d silu(z) / dz
+        def partial(*shape):
+            return torch.zeros(*shape, dtype=u_c.dtype)
+
+        dA_part = partial(n_bchunks, d_inner, n_state)
+        dBt_part = partial(n_dchunks, batch, length, n_state)
+        dCt_part = partial(n_dchunks, batch, length, n_state)
+        dD_part = partial(n_bchunks, d_inner)
+        dbias_part = partial(n_bchunks, d_inner)
+
+        inputs = (
+            _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
+            _np(u_c if z_c is None else z_c), _np(delta_c), _np(bias_c), _np(dout),
+            z_c is not None, ctx.softplus,
+        )  # fmt: skip
+        outputs = (_np(du), _np(ddelta), _np(dz))
+        parts = [_np(p) for p in (dA_part, dBt_part, dCt_part, dD_part, dbias_part)]
+        dtype = inputs[0].dtype
+
+        def item(bc, dc):
+            dA, dBt, dCt, dD, dbias = parts
+            scratch = (
+                np.zeros((length + 1, n_state), dtype),  # hs
+                np.empty((length, n_state), dtype),  # decays
+                *(np.empty(n_state, dtype) for _ in range(4)),  # h, lam, lam_next, lam_h_a
+                *(np.empty(length, dtype) for _ in range(4)),  # ys, gy, sig_z, slope
+            )
+            return (
+                *inputs,
+                bc * batch // n_bchunks, (bc + 1) * batch // n_bchunks,
+                dc * d_inner // n_dchunks, (dc + 1) * d_inner // n_dchunks,
+                *outputs, dA[bc], dBt[dc], dCt[dc], dD[bc], dbias[bc], *scratch,
+            )  # fmt: skip
+
+        items = [item(bc, dc) for bc in range(n_bchunks) for dc in range(n_dchunks)]
+        _run_items(_scan_bwd_block, items, threads)
+
+        def total(part):
+            return part[0] if part.shape[0] == 1 else part.sum(0)
+
+        grads = (
+            du,
+            ddelta,
+            total(dA_part),
+            total(dBt_part).transpose(1, 2),  # back to (B, N, L)
+            total(dCt_part).transpose(1, 2),
+            total(dD_part),
+            dz if z_c is not None else None,
+            total(dbias_part),
+        )
         return (
             *(
-                None if not need[k] or grads[k] is None else grads[k].to(dtype)
-                for k, dtype in zip(need, ctx.dtypes)
+                grad.to(dtype) if needed and grad is not None else None
+                for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)
             ),
             None,
         )
@@ -388,10 +455,31 @@ def selective_scan_cpu(
     float dtypes. Returns (B, D, L) in u's dtype, differentiable in every tensor argument.
 
     Raises:
-        ValueError: a tensor is not on the CPU.
+        ValueError: a tensor is not on the CPU, or the shapes do not fit together (the kernels
+            index without bounds checks, so they are checked here).
     """
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, t in named.items():
-        if t is not None and t.device.type != "cpu":
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"selective_scan_cpu: u must be (B, D, L) and A (D, N); got "
+                         f"{tuple(u.shape)} and {tuple(A.shape)}")  # fmt: skip
+    batch, d_inner, length = u.shape
+    n_state = A.shape[1]
+    expected = {
+        "u": (batch, d_inner, length), "delta": (batch, d_inner, length), "A": (d_inner, n_state),
+        "B": (batch, n_state, length), "C": (batch, n_state, length), "D": (d_inner,),
+        "z": (batch, d_inner, length), "delta_bias": (d_inner,),
+    }  # fmt: skip
+    given = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
+             "delta_bias": delta_bias}  # fmt: skip
+    for name, t in given.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu":
             raise ValueError(f"selective_scan_cpu needs CPU tensors; {name} is on {t.device}")
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"selective_scan_cpu: {name} has shape {tuple(t.shape)}, expected "
+                f"{expected[name]} from u {tuple(u.shape)} and A {tuple(A.shape)}"
+            )
+    if n_state == 0:  # no state, y = D * u; the kernels assume N >= 1
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

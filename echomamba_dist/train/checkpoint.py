@@ -8,8 +8,9 @@ Layout of a checkpoint directory:
                    dataset fingerprint, package version, history of validation metrics
     config.yaml    the full experiment config (human-readable, and what `evaluate` rebuilds from)
 
-A run directory (`run.storage_path/run.name`) keeps its checkpoints under `checkpoints/`, named
-`epoch_000007`; `latest_checkpoint(run_dir)` finds the newest complete one.
+A run directory (`run.storage_path/run.name`) keeps its checkpoints as `epoch_000007/` directly
+inside it, the same layout whether the run was local or on Ray Train (whose checkpoint manager
+names them so); `latest_checkpoint(run_dir)` finds the newest complete one.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def read_state(directory: str | os.PathLike, *, map_location: str | torch.device
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first (by epoch in the name)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch_") and (p / META_FILE).is_file()]
@@ -115,7 +116,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, *, keep_best: int, metric_key: str = "best_metric") -> None:
+def prune_checkpoints(run_dir: str | os.PathLike, *, keep_best: int) -> None:
     """Delete checkpoints except the newest and the `keep_best` with the highest validation metric."""
     found = checkpoint_dirs(run_dir)
     if len(found) <= keep_best + 1:

@@ -70,6 +70,9 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     shard = data.shard(rank, world_size)
+    # score users in order of history length so that each batch is trimmed to little padding
+    order = np.argsort(shard.seq_len, kind="stable")
+    shard = EvalSet(shard.item_seq[order], shard.seq_len[order], shard.target[order], shard.users[order])
     sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg", "mrr", "recall") for k in ks}
     sums["count"] = 0.0
     for start in range(0, len(shard), batch_size):

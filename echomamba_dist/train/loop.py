@@ -54,17 +54,21 @@ class TrainingData:
     test: EvalSet
     train_items: np.ndarray  # all training-part items (for the popularity baseline)
     fingerprint: str
+    item_ids: np.ndarray  # original item ids by index (index 0: padding)
 
 
-def build_training_data(cfg: ExperimentConfig, sample_mode: str) -> TrainingData:
-    """Load the dataset of `cfg.data`, split it leave-one-out and build samples for `sample_mode`."""
+def build_training_data(cfg: ExperimentConfig, sample_mode: str, *, with_samples: bool = True) -> TrainingData:
+    """Load the dataset of `cfg.data`, split it leave-one-out and build samples for `sample_mode`
+    (`with_samples=False`: no training samples, `samples` is empty; Ray workers read theirs from Ray Data)."""
     from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
     from echomamba_dist.data.splits import all_position_samples, history_matrix, leave_one_out, prefix_samples
 
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
     max_len = cfg.data.max_len
-    if sample_mode == "prefix":
+    if not with_samples:
+        seq = seq_len = target = np.zeros(0, dtype=np.int64)
+    elif sample_mode == "prefix":
         seq, seq_len, target = prefix_samples(loo.train_offsets, loo.train_items, max_len)
     elif sample_mode == "all_positions":
         seq, seq_len, target = all_position_samples(loo.train_offsets, loo.train_items, max_len)
@@ -74,11 +78,12 @@ def build_training_data(cfg: ExperimentConfig, sample_mode: str) -> TrainingData
     t_seq, t_len = history_matrix(ds.offsets, ds.items, loo.test_users, cut=1, max_len=max_len)
     return TrainingData(
         n_items=ds.n_items,
-        samples={"item_seq": seq, "seq_len": seq_len, "target": target},
+        samples={"item_seq": seq, "seq_len": seq_len, "target": target} if with_samples else {},
         valid=EvalSet(v_seq, v_len, loo.valid_target, loo.valid_users),
         test=EvalSet(t_seq, t_len, loo.test_target, loo.test_users),
         train_items=loo.train_items,
         fingerprint=dataset_fingerprint(ds),
+        item_ids=ds.item_ids,
     )
 
 
@@ -161,6 +166,7 @@ class WorkerSession(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    local_samples: bool  # the loop builds the training samples (False: batch_source brings its own)
 
     def prepare_model(self, module: nn.Module) -> nn.Module: ...
 
@@ -183,10 +189,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LocalSession:
-    """One process, world size 1; checkpoints live in `run_dir/checkpoints`."""
+    """One process, world size 1; checkpoints live in `run_dir/epoch_*`."""
 
     rank = 0
     world_size = 1
+    local_samples = True
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -208,7 +215,7 @@ class LocalSession:
             return
         import shutil
 
-        target = self.run_dir / "checkpoints" / f"epoch_{epoch:06d}"
+        target = self.run_dir / f"epoch_{epoch:06d}"
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:  # copy beside the target (another filesystem, maybe), then rename: atomic
@@ -300,7 +307,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
     seed_everything(cfg.train.seed)
 
     model = build_model(cfg.model, n_items=1)  # cheap probe for the sample mode
-    data = build_training_data(cfg, model.sample_mode)
+    data = build_training_data(cfg, model.sample_mode, with_samples=session.local_samples)
     seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
     model = build_model(cfg.model, n_items=data.n_items).to(device)
     model_max_len = getattr(cfg.model, "max_len", None)
@@ -350,6 +357,9 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
             if state.bad_epochs >= cfg.train.patience > 0:
                 break
             model.train()
+            # dropout depends only on (seed, epoch, rank), so a run resumed on any rank draws
+            # what the uninterrupted run drew (only rank 0's RNG state is in the checkpoint)
+            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, epoch, session.rank]).generate_state(1)[0]))
             t0 = time.perf_counter()
             loss_sum, loss_count, epoch_samples = 0.0, 0, 0
             batches = source.epoch(epoch, device=device)
@@ -368,7 +378,6 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
                 epoch_samples += int(batch["seq_len"].shape[0])
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
-            samples_seen += epoch_samples
 
             valid = evaluate_model(
                 model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device,
@@ -384,6 +393,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
                 state.bad_epochs += 1
             state.epoch = epoch + 1
             global_samples = session.all_reduce_sums({"n": float(epoch_samples)})["n"]
+            samples_seen += global_samples
             record = {
                 "epoch": epoch,
                 "loss": loss_sum / max(loss_count, 1),
@@ -457,6 +467,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
                 {**{f"test_{k}": v for k, v in result["test"].items()}, "best_epoch": state.best_epoch,
                  "epochs_run": state.epoch},
                 checkpoint_dir=best_dir,
+                item_ids=[str(x) for x in data.item_ids],
             )
         session.report(
             {"epoch": state.epoch, "done": True, **{metric_key(f"test_{k}"): v for k, v in result["test"].items()}},

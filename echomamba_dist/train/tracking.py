@@ -56,6 +56,7 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, *, run_dir: Path, run_name: str, enabled: bool = True) -> None:
         self.enabled = cfg.enabled and enabled
+        self.log_model = cfg.log_model
         self.run_id: str | None = None
         self._mlflow = None
         if not self.enabled:
@@ -103,7 +104,8 @@ class Tracker:
             clean = {metric_key(k): float(v) for k, v in metrics.items()}
             self._mlflow.log_metrics(clean, step=step)
 
-    def log_final(self, metrics: dict[str, Any], *, checkpoint_dir: Path | None) -> None:
+    def log_final(self, metrics: dict[str, Any], *, checkpoint_dir: Path | None, item_ids: list[str] | None = None) -> None:
+        """Final metrics, metrics.json, the best checkpoint, and (optionally) the pyfunc model."""
         if not self.enabled:
             return
         mlflow = self._mlflow
@@ -115,6 +117,10 @@ class Tracker:
             mlflow.log_artifact(str(path))
         if checkpoint_dir is not None:
             mlflow.log_artifacts(str(checkpoint_dir), artifact_path="best_checkpoint")
+            if self.log_model and item_ids is not None:
+                from echomamba_dist.mlflow_model import log_model
+
+                log_model(checkpoint_dir, item_ids)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:

@@ -21,7 +21,7 @@ from echomamba_dist.train.checkpoint import (
 
 def _write(run_dir, epoch, metric):
     return write_checkpoint(
-        run_dir / "checkpoints" / f"epoch_{epoch:06d}",
+        run_dir / f"epoch_{epoch:06d}",
         model_state={"w": torch.full((2,), float(epoch))},
         optimizer_state={"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
         meta={"epoch": epoch, "val_metric": metric},
@@ -38,7 +38,7 @@ def test_write_and_read(tmp_path):
     assert torch.equal(state["model"]["w"], torch.full((2,), 3.0))
     assert torch.equal(state["best_model"]["w"], torch.zeros(2))
     assert state["rng"]["torch"].dtype == torch.uint8
-    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".epoch")]  # no temporary leftovers
 
 
 def test_latest_and_prune(tmp_path):
@@ -51,7 +51,7 @@ def test_latest_and_prune(tmp_path):
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     _write(tmp_path, 0, 0.1)
-    (tmp_path / "checkpoints" / "epoch_000001").mkdir()  # a crash before meta.json was written
+    (tmp_path / "epoch_000001").mkdir()  # a crash before meta.json was written
     assert latest_checkpoint(tmp_path).name == "epoch_000000"
     assert latest_checkpoint(tmp_path / "nothing") is None
 

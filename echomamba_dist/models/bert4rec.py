@@ -1,0 +1,260 @@
+"""BERT4Rec (Sun et al., 2019): bidirectional self-attention trained to fill in masked items.
+
+    sequence (B, L') with some items replaced by the mask token
+      -> item embedding (the mask token has its own vector) + learned position embedding,
+         LayerNorm, Dropout
+      -> num_layers x [LayerNorm(x + Dropout(SelfAttention(x))), position-wise FFN]
+         (attention in both directions over the real positions: a key-padding mask)
+      -> output head at a position: GELU(W h + b)  (B, H)
+      -> scores = head @ item_embedding.T + output_bias   (the paper's eq. for P(v))
+
+Training (`loss`, the masked-item objective). The loop hands BERT4Rec all-positions rows
+(`sample_mode = "all_positions"`), used only to rebuild each user's whole training sequence:
+input = train part[:-1] and target[t] = train part[t + 1], so the sequence is `item_seq[:seq_len]`
+followed by `target[seq_len - 1]` (prefix rows, `target` (B,), are accepted the same way: the
+prefix followed by its target). In each row `max(1, round(mask_prob * n))` of its n items,
+chosen uniformly with torch's global generator (seeded by the loop, so runs repeat), are replaced
+by the mask token; with probability `mask_last_prob` a row masks only its last item instead,
+which matches what inference asks for (the paper's extra "mask the last item" samples). The loss
+is the mean cross-entropy of the original items at the masked positions over all real items.
+
+Inference (`forward(item_seq, seq_len)`): the mask token is put at position seq_len, right after
+the history, and the head reads that position. A history of `max_len` items therefore takes
+max_len + 1 positions: the position embedding has max_len + 1 rows, and rebuilt training
+sequences (up to max_len + 1 items with data.max_len = max_len) fit the same table.
+
+The mask token's id in masked sequences is n_items + 1 (`mask_token`); its vector is the single
+row of `mask_embedding`, so `item_embedding` keeps the n_items + 1 rows every model has.
+Items after seq_len are never seen: attention masks them as keys, and every sublayer's input is
+zeroed on padding. The self-attention here is also Bi-Mambaformer4Rec's Transformer block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from echomamba_dist.config import ConfigError
+from echomamba_dist.models.base import (
+    SequentialRecommender,
+    gather_last,
+    init_weights,
+    item_cross_entropy,
+    padding_mask,
+)
+from echomamba_dist.models.layers import PointWiseFeedForward
+
+
+@dataclass(kw_only=True)
+class BERT4RecConfig:
+    """BERT4Rec: two layers of two heads (its paper), H = 64 and dropout 0.2 (the shared settings)."""
+
+    name: str = "bert4rec"
+    hidden_size: int = 64  # embedding and model dimension H
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 2  # attention heads; must divide hidden_size
+    inner_size: int = 256  # feed-forward inner width (4 * H)
+    dropout: float = 0.2  # dropout on embeddings and residual branches
+    attn_dropout: float = 0.2  # dropout on attention probabilities
+    max_len: int = 50  # longest history; positions hold max_len + 1 (history + mask token)
+    mask_prob: float = 0.2  # fraction of a training sequence's items that are masked
+    mask_last_prob: float = 0.1  # probability that a training row masks only its last item
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "inner_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"num_heads: {self.num_heads} does not divide hidden_size={self.hidden_size}"
+            )
+        for key in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.max_len < 2:
+            raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ConfigError(f"mask_prob: must be in (0, 1], got {self.mask_prob}")
+        if not 0.0 <= self.mask_last_prob <= 1.0:
+            raise ConfigError(f"mask_last_prob: must be in [0, 1], got {self.mask_last_prob}")
+
+
+class SelfAttention(nn.Module):
+    """LayerNorm(x + Dropout(out(softmax(QK^T / sqrt(d) + key mask) V))), both directions.
+
+    (B, L, H), key mask (B, L) bool (True = a real position) -> (B, L, H). Padding keys get
+    exactly zero weight, so a real position's output does not depend on the padding.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, dropout: float, attn_dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_dropout = attn_dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = (
+            proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, nh, L, dh)
+            for proj in (self.query, self.key, self.value)
+        )
+        attended = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=key_mask[:, None, None, :],  # (B, 1, 1, L): every query sees real keys
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # (B, nh, L, dh)
+        attended = attended.transpose(1, 2).reshape(batch, length, hidden)  # (B, L, H)
+        return self.norm(x + self.dropout(self.out(attended)))
+
+
+class TransformerBlock(nn.Module):
+    """Bidirectional self-attention, then the position-wise FFN; padding zeroed before each."""
+
+    def __init__(self, hidden_size: int, num_heads: int, inner_size: int, *, dropout: float, attn_dropout: float) -> None:
+        super().__init__()
+        self.attention = SelfAttention(hidden_size, num_heads, dropout=dropout, attn_dropout=attn_dropout)
+        self.ffn = PointWiseFeedForward(hidden_size, inner_size, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H), (B, L) bool -> (B, L, H)."""
+        mask = key_mask[:, :, None].to(x.dtype)  # (B, L, 1)
+        x = self.attention(x * mask, key_mask)
+        return self.ffn(x * mask)
+
+
+class BERT4Rec(SequentialRecommender):
+    """BERT4Rec; `forward(item_seq, seq_len) -> (B, H)` reads a mask appended at seq_len.
+
+    Trains with the masked-item objective in `loss` on all-positions rows (module docstring).
+    """
+
+    sample_mode = "all_positions"
+
+    def __init__(self, n_items: int, config: BERT4RecConfig | None = None) -> None:
+        config = config or BERT4RecConfig()
+        super().__init__(n_items, config, hidden_size=config.hidden_size)
+        hidden = config.hidden_size
+        self.mask_token = n_items + 1
+        self.mask_embedding = nn.Embedding(1, hidden)
+        self.position_embedding = nn.Embedding(config.max_len + 1, hidden)
+        self.embedding_norm = nn.LayerNorm(hidden)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                hidden,
+                config.num_heads,
+                config.inner_size,
+                dropout=config.dropout,
+                attn_dropout=config.attn_dropout,
+            )
+            for _ in range(config.num_layers)
+        )
+        self.head = nn.Linear(hidden, hidden)
+        self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
+        init_weights(self)
+
+    # ------------------------------------------------------------------------------------------
+    # Encoder
+
+    def encode(self, tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(B, L') tokens (items, 0 = padding, `mask_token`), (B,) lengths -> (B, L', H)."""
+        width = tokens.shape[1]
+        if width > self.config.max_len + 1:
+            raise ValueError(
+                f"sequence length {width} exceeds max_len + 1 = {self.config.max_len + 1}"
+            )
+        key_mask = padding_mask(length, width)  # (B, L')
+        is_mask = (tokens == self.mask_token)[:, :, None]  # (B, L', 1)
+        items = self.item_embedding(tokens.masked_fill(tokens == self.mask_token, 0))  # (B, L', H)
+        x = torch.where(is_mask, self.mask_embedding.weight[0], items)
+        positions = torch.arange(width, device=tokens.device)  # (L',)
+        x = x + self.position_embedding(positions)[None]
+        x = self.embedding_dropout(self.embedding_norm(x))  # (B, L', H)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return x
+
+    def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded items, (B,) lengths -> (B, H), read at a mask put at seq_len."""
+        if item_seq.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}")
+        tokens = append_at(item_seq, seq_len, self.mask_token)  # (B, L + 1)
+        states = self.encode(tokens, seq_len + 1)  # (B, L + 1, H)
+        return F.gelu(self.head(gather_last(states, seq_len + 1)))  # (B, H)
+
+    def score_all(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, n_items + 1): head @ item_embedding.T + output_bias."""
+        return super().score_all(item_seq, seq_len) + self.output_bias
+
+    # ------------------------------------------------------------------------------------------
+    # The masked-item objective
+
+    def mask_items(
+        self, item_seq: torch.Tensor, seq_len: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rebuild each row's whole sequence and mask some of its items (module docstring).
+
+        Args:
+            item_seq: (B, L) right-padded; seq_len (B,); target: (B, L) all-positions targets or
+                (B,) prefix targets.
+        Returns:
+            tokens (B, L + 1) with masked positions set to `mask_token`, lengths (B,) = seq_len + 1,
+            labels (B, L + 1): the original item at masked positions, 0 elsewhere.
+        """
+        if item_seq.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}")
+        rows = torch.arange(item_seq.shape[0], device=item_seq.device)
+        last = target[rows, seq_len - 1] if target.dim() == 2 else target  # (B,)
+        full = append_at(item_seq, seq_len, last)  # (B, L + 1)
+        length = seq_len + 1
+        width = full.shape[1]
+        real = padding_mask(length, width)  # (B, L + 1)
+
+        n_masked = torch.clamp(torch.round(self.config.mask_prob * length), min=1)  # (B,)
+        # keys drawn at the full max_len + 1 width: the same rows draw the same masks whatever
+        # the padding of their batch
+        keys = torch.rand(full.shape[0], self.config.max_len + 1, device=full.device)[:, :width]
+        keys = keys.masked_fill(~real, 2.0)  # (B, L + 1)
+        order = keys.argsort(dim=1).argsort(dim=1)  # (B, L + 1): rank of each position's key
+        masked = order < n_masked[:, None]  # the n_masked real positions with the smallest keys
+        only_last = torch.rand(full.shape[0], device=full.device) < self.config.mask_last_prob
+        is_last = torch.arange(width, device=full.device)[None, :] == seq_len[:, None]  # (B, L + 1)
+        masked = torch.where(only_last[:, None], is_last, masked)
+
+        tokens = full.masked_fill(masked, self.mask_token)
+        labels = full.masked_fill(~masked, 0)
+        return tokens, length, labels
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training mode: the masked-item cross-entropy. Eval mode: the same with the masks drawn
+        the same way (a validation loss); no gradient flows into the masking itself."""
+        tokens, length, labels = self.mask_items(batch["item_seq"], batch["seq_len"], batch["target"])
+        states = self.encode(tokens, length)  # (B, L + 1, H)
+        keep = labels > 0  # (B, L + 1)
+        states = F.gelu(self.head(states[keep]))  # (M, H)
+        # The output bias rides along as one more dimension: [h, 1] . [e_i, b_i] = h . e_i + b_i.
+        ones = states.new_ones(states.shape[0], 1)
+        weight = torch.cat([self.item_embedding.weight, self.output_bias[:, None]], dim=1)
+        return item_cross_entropy(torch.cat([states, ones], dim=1), weight, labels[keep])
+
+
+def append_at(item_seq: torch.Tensor, seq_len: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
+    """(B, L), (B,) -> (B, L + 1): one more column, `value` written at position seq_len.
+
+    `value` is a scalar or (B,). Whatever sat at seq_len (padding) is overwritten; positions after
+    it keep their contents (callers mask them by length).
+    """
+    out = F.pad(item_seq, (0, 1))  # (B, L + 1)
+    rows = torch.arange(item_seq.shape[0], device=item_seq.device)
+    out[rows, seq_len] = value if torch.is_tensor(value) else torch.full_like(seq_len, value)
+    return out
