@@ -184,7 +184,7 @@ def _worker_block(args) -> dict:
     return _measure(lambda: run(h), args.reps, cuda)
 
 
-# --- driver ----------------------------------------------------------------------------------------
+# --- driver -------------------------------------------------------------------------------------
 
 
 def _cpu_model() -> str:
@@ -209,12 +209,12 @@ def _cuda_backend_available() -> tuple[bool, str]:
 
 
 def _spawn(kind: str, backend: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--backend", backend, "--reps", str(args.reps),
-           "--batch", str(args.batch), "--length", str(args.length),
+    cmd = [sys.executable, __file__, "--worker", kind, "--backend", backend,
+           "--reps", str(args.reps), "--batch", str(args.batch), "--length", str(args.length),
            "--d-inner", str(args.d_inner), "--d-state", str(args.d_state),
            "--threads", str(args.threads or 0)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
-                                                                    os.environ.get("PYTHONPATH")])))  # fmt: skip
+    paths = [str(REPO), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     load_before = os.getloadavg()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode != 0:
@@ -231,6 +231,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -247,8 +248,10 @@ def _table(title: str, results: dict) -> str:
             continue
         speed = ref["fwd_bwd_s"] / r["fwd_bwd_s"] if ref else math.nan
         mem = r["peak_mib"] / ref["peak_mib"] if ref and name != "cuda" else math.nan
-        rows.append(f"{name:<10} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['fwd_bwd_s']:10.3f} "
-                    f"{r['cpu_time_s']:8.2f} {r['peak_mib']:9.1f} {speed:8.2f} {mem:9.3f}")  # fmt: skip
+        rows.append(
+            f"{name:<10} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['fwd_bwd_s']:10.3f} "
+            f"{r['cpu_time_s']:8.2f} {r['peak_mib']:9.1f} {speed:8.2f} {mem:9.3f}"
+        )
     return "\n".join(rows)
 
 
@@ -317,7 +320,9 @@ def main(argv=None) -> int:
         "hardware": {
             "cpu": _cpu_model(),
             "logical_cpus": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "memory_gib": round(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+            ),
             "gpu": gpu or None,
         },
         "software": {
@@ -325,7 +330,6 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(),
             "numba": numba.__version__,
-            "numba_threading_layer_available": numba.config.THREADING_LAYER,
             "numpy": numpy.__version__,
         },
         "shape": shape,
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
         "delta_bias = softplus^-1(U(0.001, 0.1)); delta_softplus=True; all require grad; "
         "upstream gradient ones",
         "method": __doc__.split("\n\n", 2)[2].strip(),
-        "load_average_before": [round(v, 2) for v in os.getloadavg()],
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min
         "scan": scan,
         "ratios": ratios,
         "mamba_block": block,

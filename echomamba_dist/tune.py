@@ -249,8 +249,8 @@ def _plain(value: Any) -> Any:
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's sampled parameters: its Tune config without the study's private `_` keys."""
-    return {k: _plain(v) for k, v in config.items() if not k.startswith("_")}
+    """A trial's sampled parameters (its Tune config) as plain Python values."""
+    return {k: _plain(v) for k, v in config.items()}
 
 
 def trial_config(
@@ -264,6 +264,7 @@ def trial_config(
     data = with_params(base, params)
     fixed: dict[str, Any] = {
         "run.name": name, "run.storage_path": storage_path, "run.resume": True,
+        "run.keep_checkpoints": 1,  # the best; Ray also keeps the latest, to resume from
         "train.final_test": False, "train.progress": False, "tracking.enabled": False,
     }
     if fail:
@@ -293,58 +294,39 @@ def _epoch_report_callback():
     return EpochReportCallback()
 
 
-def trial_driver(config: dict[str, Any]) -> None:
-    """One trial: build and fit a TorchTrainer on the trial's config.
+def trial_driver(
+    config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, fail_on: dict[str, Any] | None = None
+) -> None:
+    """One trial: build and fit a TorchTrainer on base + the trial's sampled parameters.
 
-    `config` holds the sampled parameters (dotted keys) and the study's private keys: `_base`
-    (the base training config), `_trials_dir` and `_fail_on` (tests: parameters that make the
-    trial fail). A trial restarted after an interruption resumes its trainer from its latest
-    checkpoint (same run name and storage path).
+    Args:
+        config: the sampled parameters (dotted keys), from Tune.
+        base: the study's base training config; trials_dir: where trials' runs live
+            (both bound with `tune.with_parameters`).
+        fail_on: tests only: a trial whose parameters match this dict fails.
+
+    A trial restarted after an interruption resumes its trainer from its latest checkpoint
+    (same run name and storage path).
 
     Raises:
         RuntimeError: with the failing worker's error when training fails.
     """
     import ray.data
-    import ray.train
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from echomamba_dist.models.registry import build_model
-    from echomamba_dist.ray_train import TRAIN_DATASET, build_train_dataset, ray_train_entry, worker_error_message
+    from echomamba_dist.ray_train import build_trainer, resolve_for_workers, worker_error_message
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     params = sampled_params(config)
-    fail_on = config.get("_fail_on") or {}
-    name = trial_run_name(ray.tune.get_context().get_trial_id())
+    fail_on = fail_on or {}
     cfg_dict = trial_config(
-        config["_base"], params, name=name, storage_path=config["_trials_dir"],
+        base, params, name=trial_run_name(ray.tune.get_context().get_trial_id()), storage_path=trials_dir,
         fail=bool(fail_on) and all(params.get(k) == v for k, v in fail_on.items()),
     )
-    cfg = experiment_from_dict(cfg_dict)
-    sample_mode = build_model(cfg.model, n_items=1).sample_mode
-    trainer = TorchTrainer(
-        ray_train_entry,
-        train_loop_config=cfg_dict,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=config["_trials_dir"],
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1,  # plus the latest, which Ray always keeps: enough to resume and to test
-                checkpoint_score_attribute=metric_key(f"val_{cfg.train.metric}"),
-                checkpoint_score_order="max",
-            ),
-            callbacks=[_epoch_report_callback()],
-        ),
-        datasets={TRAIN_DATASET: build_train_dataset(cfg, sample_mode)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-    )
+    cfg = resolve_for_workers(experiment_from_dict(cfg_dict), local=not os.environ.get("RAY_ADDRESS"))
+    trainer = build_trainer(cfg)
+    # Ray Train reads its callbacks when it fits: every epoch's report goes on to Tune
+    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _epoch_report_callback()]
     try:
         trainer.fit()
     except Exception as exc:
@@ -413,7 +395,7 @@ def _mlflow_callback_class():
                 from mlflow.entities import Param
 
                 params = sampled_params(trial.config)
-                client.log_batch(run_id, params=[Param(k, json.dumps(v)) for k, v in sorted(params.items())])
+                client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in sorted(params.items())])
             self._trial_runs[trial] = run_id
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
@@ -445,6 +427,11 @@ def _mlflow_callback_class():
             return client.get_experiment_by_name(self.experiment_name).experiment_id
 
     return StudyMLflowCallback
+
+
+def _param_text(value: Any) -> str:
+    """An MLflow parameter value: strings as they are, everything else as JSON (null, true, 0.5)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _first_line(error_file: str | None, trial) -> str:
@@ -480,8 +467,8 @@ def _parent_run(study: Study, tracking: TrackingConfig) -> str:
                             tags={STUDY_TAG: study.tune.name, "git.commit": git_commit()})
     params = {
         **{f"search.{k}": json.dumps(v) for k, v in study.search.items()},
-        **{f"tune.{k}": json.dumps(v) for k, v in to_dict(study.tune).items()},
-        **{k: json.dumps(v) for k, v in flatten(study.base).items()},
+        **{f"tune.{k}": _param_text(v) for k, v in to_dict(study.tune).items()},
+        **{k: _param_text(v) for k, v in flatten(to_dict(study.base_config)).items()},
     }
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())],
                      tags=[RunTag("mlflow.note.content", f"Ray Tune study {study.tune.name}: {study.study_dir}")])
@@ -544,13 +531,11 @@ def run_study(
     concurrency = study.tune.max_concurrent or trial_concurrency(base_cfg, ray.cluster_resources())
     # The driver only waits on its trainer, whose workers hold the trial's resources; Ray wants
     # some resource in a trial's request, so it asks for a token CPU share.
-    trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPU})
-    param_space = {
-        **search_space(study),
-        "_base": study.base,
-        "_trials_dir": str(study_dir / TRIALS_DIR),
-        "_fail_on": fail_on or {},
-    }
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=study.base, trials_dir=str(study_dir / TRIALS_DIR), fail_on=fail_on),
+        {"CPU": DRIVER_CPU},
+    )
+    param_space = search_space(study)
     tuner_path = study_dir / TUNER_DIR
     if tune.Tuner.can_restore(str(tuner_path)):
         print(f"resuming the study in {study_dir}", flush=True)

@@ -89,7 +89,9 @@ class SelfAttention(nn.Module):
     exactly zero weight, so a real position's output does not depend on the padding.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, *, dropout: float, attn_dropout: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, *, dropout: float, attn_dropout: float
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
@@ -120,9 +122,13 @@ class SelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Bidirectional self-attention, then the position-wise FFN; padding zeroed before each."""
 
-    def __init__(self, hidden_size: int, num_heads: int, inner_size: int, *, dropout: float, attn_dropout: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, inner_size: int, *, dropout: float, attn_dropout: float
+    ) -> None:
         super().__init__()
-        self.attention = SelfAttention(hidden_size, num_heads, dropout=dropout, attn_dropout=attn_dropout)
+        self.attention = SelfAttention(
+            hidden_size, num_heads, dropout=dropout, attn_dropout=attn_dropout
+        )
         self.ffn = PointWiseFeedForward(hidden_size, inner_size, dropout=dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +193,9 @@ class BERT4Rec(SequentialRecommender):
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """(B, L) right-padded items, (B,) lengths -> (B, H), read at a mask put at seq_len."""
         if item_seq.shape[1] > self.config.max_len:
-            raise ValueError(f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}")
+            raise ValueError(
+                f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}"
+            )
         tokens = append_at(item_seq, seq_len, self.mask_token)  # (B, L + 1)
         states = self.encode(tokens, seq_len + 1)  # (B, L + 1, H)
         return F.gelu(self.head(gather_last(states, seq_len + 1)))  # (B, H)
@@ -212,7 +220,9 @@ class BERT4Rec(SequentialRecommender):
             labels (B, L + 1): the original item at masked positions, 0 elsewhere.
         """
         if item_seq.shape[1] > self.config.max_len:
-            raise ValueError(f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}")
+            raise ValueError(
+                f"sequence length {item_seq.shape[1]} exceeds max_len {self.config.max_len}"
+            )
         rows = torch.arange(item_seq.shape[0], device=item_seq.device)
         last = target[rows, seq_len - 1] if target.dim() == 2 else target  # (B,)
         full = append_at(item_seq, seq_len, last)  # (B, L + 1)

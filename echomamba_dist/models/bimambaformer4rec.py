@@ -47,7 +47,8 @@ class BiMambaformer4RecConfig:
     scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "num_heads", "inner_size"):
+        sizes = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "num_heads", "inner_size")
+        for key in sizes:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:

@@ -36,10 +36,13 @@ from echomamba_dist.ops.selective_scan import selective_scan_ref
 _ITEMS_PER_THREAD = 4
 # torch.nn.functional.softplus's default threshold: above it softplus(x) is x and its slope 1.
 _SOFTPLUS_THRESHOLD = 20.0
-# The only fast-math licence the kernels take: fusing a * b + c into one FMA (one rounding instead
-# of two, so never less accurate). No reassociation outside `_dot`, no finite-math assumptions:
-# inf and nan propagate as in the reference.
+# Fast-math licences, the two that cannot change inf/nan behaviour: "contract" fuses a * b + c
+# into one FMA (one rounding instead of two), "reassoc" lets the sums over N (y = <h, C> and the
+# two in the backward) be vectorised; their order is free anyway, the reference's einsum sums in
+# its own order. The exp below is compiled apart with "contract" only, since reassociation could
+# undo its range reduction.
 _CONTRACT = {"contract"}
+_KERNEL_FASTMATH = {"contract", "reassoc"}
 
 
 def _jit(fn=None, **options):
@@ -117,16 +120,6 @@ def _exp_overload(x):
     return lambda x: math.exp(x)
 
 
-@_jit(fastmath={"reassoc", "contract"})
-def _dot(a, b, n):
-    """sum(a[:n] * b[:n]); reassociation lets LLVM vectorise the sum (the order is free anyway:
-    the reference's einsum sums in its own order)."""
-    acc = a[0] * b[0]  # n >= 1; starting from a typed 0 would need an allocation here
-    for i in range(1, n):
-        acc += a[i] * b[i]
-    return acc
-
-
 # --- kernels -------------------------------------------------------------------------------------
 # Everything is fused per (b, d) pair except softplus (a log1p, which torch vectorises and we
 # have no vectorisable version of): the forward's skip and gate, the backward's gate and softplus
@@ -143,12 +136,13 @@ def _dot(a, b, n):
 # overwrite it), which kept the loops over N from vectorising.
 
 
-@_jit(fastmath=_CONTRACT, nogil=True)
+@_jit(fastmath=_KERNEL_FASTMATH, nogil=True)
 def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
     """out[b, d, :] for the flattened (b, d) pairs start..stop-1; h: (N,) scratch."""
     d_inner, length = u.shape[1], u.shape[2]
     n_state = A.shape[1]
-    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 would promote fp32 arithmetic to fp64
+    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
+    zero = one - one
     for bd in range(start, stop):
         b = bd // d_inner
         d = bd - b * d_inner
@@ -159,9 +153,13 @@ def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
             dt_t = dt[b, d, t]
             dtu = dt_t * u[b, d, t]
             B_t = Bt[b, t]
+            C_t = Ct[b, t]
+            y_t = zero
             for n in range(n_state):
-                h[n] = _exp(dt_t * A_d[n]) * h[n] + dtu * B_t[n]
-            out_bd[t] = _dot(h, Ct[b, t], n_state)
+                h_n = _exp(dt_t * A_d[n]) * h[n] + dtu * B_t[n]
+                h[n] = h_n
+                y_t += h_n * C_t[n]
+            out_bd[t] = y_t
         if has_D:
             D_d = Dv[d]
             u_bd = u[b, d]
@@ -173,21 +171,20 @@ def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
                 out_bd[t] *= z_bd[t] / (one + _exp(-z_bd[t]))  # SiLU
 
 
-@_jit(fastmath=_CONTRACT, nogil=True)
+@_jit(fastmath=_KERNEL_FASTMATH, nogil=True)
 def _scan_bwd_block(
     u, dt, A, Bt, Ct, Dv, z, delta, bias, dout, has_z, softplus, b0, b1, d0, d1,
     du, ddelta, dz, dA_acc, dBt_acc, dCt_acc, dD_acc, dbias_acc,
-    hs, decays, h, lam, lam_next, lam_h_a, ys, gy, sig_z, slope,
+    hs, decays, h, lam_next, ys, gy, sig_z, slope,
 ):  # fmt: skip
     """Gradients from the pairs b0 <= b < b1, d0 <= d < d1, recomputing their forward states.
 
     Dv and bias are zeros when the scan had none. du, ddelta and dz are written for these pairs;
     dA_acc (D, N), dBt_acc and dCt_acc (B, L, N), dD_acc and dbias_acc (D,) are added to.
     Scratch: hs (L+1, N): hs[t + 1] is the state after step t, hs[0] = 0; decays (L, N):
-    exp(dt_t * A[d]); h (N,): the running state; lam (N,): dL/dh_t; lam_next (N,):
-    dL/dh_{t+1} * decay_{t+1}, the share of h_t; lam_h_a (N,): dL/dh_t * h_{t-1} * decay_t;
-    ys (L,): <h_t, C_t>; gy (L,): dL/dy before the gate; sig_z (L,): sigmoid(z); slope (L,):
-    d dt / d delta.
+    exp(dt_t * A[d]); h (N,): the running state; lam_next (N,): dL/dh_{t+1} * decay_{t+1},
+    the share of dL/dh_t that comes from later steps; ys (L,): <h_t, C_t>; gy (L,): dL/dy
+    before the gate; sig_z (L,): sigmoid(z); slope (L,): d dt / d delta.
     """
     length = u.shape[2]
     n_state = A.shape[1]
@@ -229,13 +226,16 @@ def _scan_bwd_block(
                 decay_t = decays[t]
                 # The recurrence runs in h, copied to hs: reading hs[t] while writing hs[t + 1]
                 # (an unknown N apart) kept LLVM from vectorising this loop (~6x slower).
+                C_t = Ct[b, t]
+                y_t = zero
                 for n in range(n_state):
                     a = _exp(dt_t * A_d[n])
                     decay_t[n] = a
                     h_n = a * h[n] + dtu * B_t[n]
                     h[n] = h_n
                     h_t[n] = h_n
-                ys[t] = _dot(h, Ct[b, t], n_state)
+                    y_t += h_n * C_t[n]
+                ys[t] = y_t
             # Adjoint recurrence, backwards in time.
             lam_next[:] = 0
             dD_d = zero
@@ -252,22 +252,20 @@ def _scan_bwd_block(
                 decay_t = decays[t]
                 dB_t = dBt_acc[b, t]
                 dC_t = dCt_acc[b, t]
-                # Three loops rather than one: with every array in one loop, LLVM needs more
-                # runtime alias checks than it allows and leaves the loop scalar (~3x slower).
-                for n in range(n_state):
-                    lam[n] = lam_next[n] + g * C_t[n]
-                    dC_t[n] += g * h_t[n]
-                for n in range(n_state):
-                    lha = lam[n] * h_prev[n] * decay_t[n]
-                    lam_h_a[n] = lha
-                    dA_d[n] += lha * dt_t
-                for n in range(n_state):
-                    dB_t[n] += lam[n] * dtu
-                    lam_next[n] = lam[n] * decay_t[n]
                 # h_t = decay * h_{t-1} + dt * u * B  =>  dL/d dt = sum_n lam_n (h_{t-1} A decay
                 # + u B), dL/du = dt * sum_n lam_n B (+ D from the skip connection).
-                lam_b = _dot(lam, B_t, n_state)
-                ddt = _dot(lam_h_a, A_d, n_state) + lam_b * ut
+                lam_h_a_A = zero
+                lam_b = zero
+                for n in range(n_state):
+                    lam_n = lam_next[n] + g * C_t[n]  # dL/dh_t
+                    dC_t[n] += g * h_t[n]
+                    dB_t[n] += lam_n * dtu
+                    lha = lam_n * h_prev[n] * decay_t[n]
+                    dA_d[n] += lha * dt_t
+                    lam_h_a_A += lha * A_d[n]
+                    lam_b += lam_n * B_t[n]
+                    lam_next[n] = lam_n * decay_t[n]
+                ddt = lam_h_a_A + lam_b * ut
                 du[b, d, t] = lam_b * dt_t + g * D_d
                 dD_d += g * ut
                 if softplus:
@@ -403,7 +401,8 @@ class _SelectiveScanCPU(torch.autograd.Function):
             scratch = (
                 np.zeros((length + 1, n_state), dtype),  # hs
                 np.empty((length, n_state), dtype),  # decays
-                *(np.empty(n_state, dtype) for _ in range(4)),  # h, lam, lam_next, lam_h_a
+                np.empty(n_state, dtype),  # h
+                np.empty(n_state, dtype),  # lam_next
                 *(np.empty(length, dtype) for _ in range(4)),  # ys, gy, sig_z, slope
             )
             return (

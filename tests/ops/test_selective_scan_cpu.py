@@ -174,6 +174,30 @@ def test_concurrent_calls_from_threads():
             torch.testing.assert_close(grads[k], expected[1][k], rtol=0, atol=0, msg=k)
 
 
+def test_float32_exp_is_accurate_in_the_kernels_fastmath_mode():
+    import numba
+    import numpy as np
+
+    from echomamba_dist.ops import selective_scan_cpu as mod
+
+    @numba.njit(fastmath=mod._KERNEL_FASTMATH)  # as the kernels that inline it
+    def exp_all(x, out):
+        for i in range(x.size):
+            out[i] = mod._exp(x[i])
+
+    x = np.concatenate([np.linspace(-100, 100, 400_001, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf], dtype=np.float32)])  # fmt: skip
+    out = np.empty_like(x)
+    exp_all(x, out)
+    with np.errstate(over="ignore", under="ignore"):
+        true = np.exp(x.astype(np.float64))
+    normal = (x > -86.9) & (true < np.finfo(np.float32).max)
+    rel = np.abs(out[normal] - true[normal]) / true[normal]
+    assert rel.max() < 2 * 2.0**-24  # 2 ulp
+    assert np.all(out[x <= -87.0] < 1.2e-38) and np.all(out[x >= 88.8] == np.inf)
+    assert np.isnan(out[-3]) and out[-2] == np.inf and out[-1] == 0
+
+
 def test_dispatcher_uses_the_cpu_kernel():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     x = _inputs(2, 3, 5, 4, seed=7)

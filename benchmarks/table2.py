@@ -1,0 +1,612 @@
+"""Table 2 of the EchoMamba4Rec paper, reproduced: eight models x several seeds on one dataset.
+
+    python benchmarks/table2.py --data ../shared/data/amazon-beauty.txt --seeds 1 2 3 \
+        --out docs/results/table2-beauty.json
+    python benchmarks/table2.py --data ../shared/data/amazon-beauty.txt --models echomamba4rec \
+        --variants --seeds 1 2 3 --out docs/results/table2-beauty-variants.json
+    python benchmarks/table2.py --data ../shared/data/amazon-video-games.txt --seeds 1 2 3 \
+        --out docs/results/table2-video-games.json
+    python benchmarks/table2.py --smoke --out /tmp/table2-smoke.json   # CI: tiny data, 1 epoch
+
+`--data` is a prepared directory, a raw log (prepared once, in this process, into
+`prepared/<file stem>`, reused while the source's sha256 matches), or `synthetic`.
+
+Every (model, seed) runs through `train_per_worker`, the Ray-free per-worker training function
+(world size 1, `train.ray` off), so one GPU or one CPU runs the whole table without Ray. The
+settings are the paper's (§4.1): hidden 64, dropout 0.2, Adam lr 1e-3, batch 2048, evaluation
+batch 4096, max length 50, at most 300 epochs with early stopping on validation NDCG@10
+(patience 10), leave-one-out, full ranking over all items. `--epochs` caps the epochs (a capped
+run that did not stop early is marked as such in the tables).
+
+Runs live in `--runs` (default `runs/table2/<dataset>`), one directory per (model, variant, seed)
+with a stable name, so an interrupted harness resumes: a finished run's result is reused
+(`table2-run.json`, when its config is unchanged), an unfinished one continues from its last
+checkpoint. `--fresh` deletes them first.
+
+`--variants` adds the EchoMamba4Rec variant study: combine sum/concat, readout last/ends,
+filter off, bidirectional off, chosen on validation NDCG@10 (mean over seeds); the chosen
+variant's test metrics then stand in the EchoMamba4Rec row of the table.
+
+Writes `--out` (JSON: every run, mean and standard deviation over seeds, the paper's numbers, the
+commit, hardware, command and wall time) and a markdown table beside it (same stem, `.md`),
+both replaced atomically after every run, so a long harness shows its progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+MODEL_ORDER = [
+    "narm",
+    "gru4rec",
+    "sasrec",
+    "bert4rec",
+    "mamba4rec",
+    "bimamba4rec",
+    "bimambaformer4rec",
+    "echomamba4rec",
+]
+DISPLAY = {
+    "narm": "NARM",
+    "gru4rec": "GRU4Rec",
+    "sasrec": "SASRec",
+    "bert4rec": "BERT4Rec",
+    "mamba4rec": "Mamba4Rec",
+    "bimamba4rec": "Bi-Mamba4Rec",
+    "bimambaformer4rec": "Bi-Mambaformer4Rec",
+    "echomamba4rec": "EchoMamba4Rec",
+}
+METRICS = ["hr@10", "ndcg@10", "mrr@10"]
+
+# EchoMamba4Rec variants of the study; "sum-last" is the default model (the table's own run).
+ECHO_VARIANTS: dict[str, dict[str, Any]] = {
+    "sum-last": {},
+    "concat-last": {"combine": "concat"},
+    "sum-ends": {"readout": "ends"},
+    "concat-ends": {"combine": "concat", "readout": "ends"},
+    "no-filter": {"filter": False},
+    "unidirectional": {"bidirectional": False},
+}
+DEFAULT_VARIANT = "sum-last"
+
+PAPER_CITATION = (
+    "EchoMamba4Rec paper, Table 2 (HR@10, NDCG@10, MRR@10; Amazon-Beauty and Amazon-Video-Games)"
+)
+PAPER: dict[str, dict[str, tuple[float, float, float]]] = {
+    "beauty": {
+        "narm": (0.0627, 0.0347, 0.0262),
+        "gru4rec": (0.0606, 0.0332, 0.0249),
+        "sasrec": (0.0739, 0.0404, 0.0302),
+        "bert4rec": (0.0711, 0.0426, 0.0309),
+        "mamba4rec": (0.0621, 0.0369, 0.0292),
+        "bimamba4rec": (0.0781, 0.0423, 0.0313),
+        "bimambaformer4rec": (0.0773, 0.0304, 0.0412),
+        "echomamba4rec": (0.0833, 0.0438, 0.0318),
+    },
+    "video-games": {
+        "narm": (0.1032, 0.0530, 0.0379),
+        "gru4rec": (0.1030, 0.0536, 0.0380),
+        "sasrec": (0.1203, 0.0561, 0.0366),
+        "bert4rec": (0.1106, 0.0508, 0.0324),
+        "mamba4rec": (0.1057, 0.0587, 0.0441),
+        "bimamba4rec": (0.1200, 0.0580, 0.0392),
+        "bimambaformer4rec": (0.1205, 0.0451, 0.0626),
+        "echomamba4rec": (0.1254, 0.0633, 0.0445),
+    },
+}
+DATASET_NOTES = {
+    "video-games": (
+        "Our `amazon-video-games.txt` is a different version of the dataset than the paper's: "
+        "24,303 users / 10,672 items / 231,780 interactions here, 14,494 / 6,950 / 132,209 in the "
+        "paper's Table 1. The paper's numbers are shown for reference only; they are not directly "
+        "comparable."
+    ),
+}
+# The issue's targets on Amazon-Beauty: (model, metric, at least).
+TARGETS = {
+    "beauty": [
+        ("sasrec", "hr@10", 0.0739),
+        ("echomamba4rec", "hr@10", 0.0833),
+        ("echomamba4rec", "ndcg@10", 0.0438),
+    ],
+}
+
+SMOKE_SYNTHETIC = {"n_users": 120, "n_items": 60, "n_topics": 4, "mean_length": 8.0, "min_length": 5}
+SMOKE_MAX_LEN = 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def resolve_data(spec: str, *, smoke: bool, cache_root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--data` -> (the config's `data` section without max_len, a description of the dataset).
+
+    A raw file is prepared (in this process, default options: dedup, 5-core) into
+    `cache_root/<stem>`, and reused while its recorded source sha256 matches the file.
+    """
+    if smoke or spec == "synthetic":
+        from echomamba_dist.config import DataConfig, from_dict
+        from echomamba_dist.data.dataset import load_dataset
+
+        data = {"synthetic": dict(SMOKE_SYNTHETIC)} if smoke else {}
+        meta = load_dataset(from_dict(DataConfig, data)).meta
+        return data, _describe("synthetic-smoke" if smoke else "synthetic", None, meta)
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        return {"path": str(path)}, _describe(path.name, path, meta)
+    if not path.is_file():
+        raise SystemExit(f"--data {spec}: not a prepared directory, a file, or 'synthetic'")
+    from echomamba_dist.data.prepare import prepare
+
+    sha = _sha256(path)
+    out = cache_root / path.stem
+    meta_file = out / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text())["source"].get("sha256") == sha:
+        meta = json.loads(meta_file.read_text())
+    else:
+        print(f"preparing {path} into {out}", flush=True)
+        meta = prepare(path, out, use_ray=False, overwrite=True)
+    return {"path": str(out)}, _describe(path.stem, out, meta)
+
+
+def _describe(name: str, prepared: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "prepared": str(prepared) if prepared else None,
+        "source": meta.get("source", {}),
+        **{k: meta.get(k) for k in ("n_users", "n_items", "n_interactions", "avg_length", "options")},
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def paper_key(name: str) -> str | None:
+    """Which Table 2 column a dataset name belongs to ('beauty', 'video-games'), if any."""
+    lowered = name.lower()
+    if "beauty" in lowered:
+        return "beauty"
+    if "video" in lowered:
+        return "video-games"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_config(
+    model: str,
+    overrides: dict[str, Any],
+    seed: int,
+    *,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    runs_dir: Path,
+    run_name: str,
+) -> dict[str, Any]:
+    """The experiment dict of one run: the paper's settings, or the smoke sizes."""
+    from echomamba_dist.models.registry import model_config_class
+
+    max_len = SMOKE_MAX_LEN if args.smoke else 50
+    fields = model_config_class(model).__dataclass_fields__
+    model_section = {"name": model, "hidden_size": 64, "dropout": 0.2, **overrides}
+    if "max_len" in fields:
+        model_section["max_len"] = max_len
+    train = {
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "batch_size": 64 if args.smoke else 2048,
+        "eval_batch_size": 256 if args.smoke else 4096,
+        "lr": 1e-3,
+        "metric": "ndcg@10",
+        "ks": [10],
+        "seed": seed,
+        "device": args.device,
+        "ray": False,
+        "progress": False,
+    }
+    return {
+        "data": {**data, "max_len": max_len},
+        "model": model_section,
+        "train": train,
+        "run": {"name": run_name, "storage_path": str(runs_dir), "resume": True},
+        "tracking": {"enabled": args.tracking, "experiment": f"table2-{runs_dir.name}"},
+    }
+
+
+def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
+    """Train one run (or reuse its finished result) and return the harness's record of it."""
+    from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
+    from echomamba_dist.train.loop import train_per_worker
+
+    run_dir = Path(cfg["run"]["storage_path"]) / cfg["run"]["name"]
+    record_file = run_dir / "table2-run.json"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if record_file.is_file():
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("config") == cfg:
+            return {**record, "reused": True}
+
+    start = time.perf_counter()
+    result = train_per_worker(cfg)
+    wall = time.perf_counter() - start
+    latest = latest_checkpoint(run_dir)
+    history = read_meta(latest)["history"] if latest else []
+    epoch_seconds = [h["epoch_seconds"] for h in history]
+    stopped_early = result["epochs_run"] < cfg["train"]["epochs"]
+    record = {
+        "config": cfg,
+        "model": cfg["model"]["name"],
+        "seed": cfg["train"]["seed"],
+        "best_epoch": result["best_epoch"],
+        "epochs_run": result["epochs_run"],
+        "stopped_early": stopped_early,
+        "valid": result["valid"],
+        "test": result["test"],
+        "test_users": result["test_users"],
+        "popularity": result["popularity"],
+        "seconds_per_epoch": statistics.mean(epoch_seconds) if epoch_seconds else None,
+        "train_seconds": sum(epoch_seconds),
+        "wall_seconds_this_session": wall,
+        "dataset_fingerprint": result["dataset_fingerprint"],
+    }
+    _write_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
+    return {**record, "reused": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value) of finite values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the seeds of one model (or variant): test and validation metrics, epochs, time."""
+    return {
+        "seeds": [r["seed"] for r in records],
+        "test": {m: mean_std([r["test"].get(m) for r in records]) for m in METRICS},
+        "valid": {m: mean_std([r["valid"].get(m) for r in records]) for m in METRICS},
+        "epochs_run": [r["epochs_run"] for r in records],
+        "best_epoch": [r["best_epoch"] for r in records],
+        "all_stopped_early": all(r["stopped_early"] for r in records),
+        "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in records]),
+    }
+
+
+def best_variant(variants: dict[str, dict[str, Any]]) -> str | None:
+    """The variant with the highest mean validation NDCG@10 (ties: the study's order)."""
+    scored = [(s["valid"]["ndcg@10"]["mean"], -i, name) for i, (name, s) in enumerate(variants.items())
+              if s["valid"]["ndcg@10"]["n"]]
+    return max(scored)[2] if scored else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance
+
+
+def hardware(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if use_cuda else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    if not stat["n"]:
+        return "–"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.4f}"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The markdown table: our mean ± std beside the paper's numbers, then variants and notes."""
+    ds = report["dataset"]
+    key = report["paper_dataset"]
+    paper = PAPER.get(key or "", {})
+    hw = report["hardware"]
+    lines = [
+        f"# Table 2 reproduction: {ds['name']}",
+        "",
+        f"Measured by `benchmarks/table2.py` ({'complete' if report['complete'] else 'in progress'}), "
+        f"{report['date']}, commit `{(report['git']['commit'] or 'unknown')[:12]}`"
+        f"{' (uncommitted changes)' if report['git']['dirty'] else ''}, on {hw['device']} "
+        f"({hw['cpu']}, {hw['cpu_cores']} cores, torch {hw['torch']}); harness wall time "
+        f"{report['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    if ds.get("n_users"):
+        lines += [
+            f"Data: {ds['n_users']:,} users, {ds['n_items']:,} items, {ds['n_interactions']:,} "
+            f"interactions ({_source_name(ds)}).",
+            "",
+        ]
+    if key in DATASET_NOTES:
+        lines += [f"**Note:** {DATASET_NOTES[key]}", ""]
+    s = report["settings"]
+    lines += [
+        f"Protocol: leave-one-out, full ranking over all items, test metrics of the epoch with the best "
+        f"validation NDCG@10; hidden 64, dropout 0.2, Adam lr 1e-3, batch {s['batch_size']}, max length "
+        f"{s['max_len']}, at most {s['epochs']} epochs, patience {s['patience']}; seeds "
+        f"{' '.join(map(str, s['seeds']))} (mean ± sample std over seeds).",
+        "",
+        "| Model | HR@10 | paper | NDCG@10 | paper | MRR@10 | paper | epochs run (best), per seed | s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in report["summary"].items():
+        ref = paper.get(name)
+        label = DISPLAY.get(name, name)
+        if name == "echomamba4rec" and report.get("variants", {}).get("best"):
+            label += f" ({report['variants']['best']})"
+        if not summary["all_stopped_early"]:
+            label += " †"
+        cells = [label]
+        for i, metric in enumerate(METRICS):
+            cells += [_fmt(summary["test"][metric]), f"{ref[i]:.4f}" if ref else "–"]
+        epochs = ", ".join(f"{e} ({b + 1})" for e, b in zip(summary["epochs_run"], summary["best_epoch"]))
+        spe = summary["seconds_per_epoch"]
+        cells += [epochs, f"{spe['mean']:.1f}" if spe["n"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    pop = report.get("popularity")
+    if pop:
+        lines.append(
+            "| Popularity (reference) | " + " | ".join(f"{pop.get(m, float('nan')):.4f} | –" for m in METRICS) + " | – | – |"
+        )
+    lines += [
+        "",
+        "† at least one seed reached the epoch cap before early stopping: not a converged number.",
+        "",
+    ]
+    variants = report.get("variants")
+    if variants:
+        lines += [
+            "## EchoMamba4Rec variants (chosen on validation NDCG@10)",
+            "",
+            "| Variant | settings | valid HR@10 | valid NDCG@10 | test HR@10 | test NDCG@10 | test MRR@10 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, summary in variants["summary"].items():
+            mark = " **(best)**" if name == variants["best"] else ""
+            settings = ", ".join(f"{k}={v}" for k, v in ECHO_VARIANTS[name].items()) or "defaults"
+            lines.append(
+                f"| {name}{mark} | {settings} | {_fmt(summary['valid']['hr@10'])} | "
+                f"{_fmt(summary['valid']['ndcg@10'])} | {_fmt(summary['test']['hr@10'])} | "
+                f"{_fmt(summary['test']['ndcg@10'])} | {_fmt(summary['test']['mrr@10'])} |"
+            )
+        lines += ["", "Only the best variant's test numbers enter the table above; all are shown for completeness.", ""]
+    targets = report.get("targets")
+    if targets:
+        lines += ["## Targets (the issue's, on Amazon-Beauty)", "", "| Model | metric | target | measured | met |",
+                  "|---|---|---|---|---|"]
+        for t in targets:
+            measured = "–" if t["measured"] is None else f"{t['measured']:.4f}"
+            met = "–" if t["met"] is None else ("yes" if t["met"] else "no")
+            lines.append(f"| {DISPLAY[t['model']]} | {t['metric']} | ≥ {t['target']:.4f} | {measured} | {met} |")
+        lines.append("")
+    if paper:
+        lines += [f"Paper numbers: {PAPER_CITATION}.", ""]
+    return "\n".join(lines)
+
+
+def _source_name(ds: dict[str, Any]) -> str:
+    source = ds.get("source") or {}
+    if source.get("path"):
+        return f"`{Path(source['path']).name}`, sha256 {str(source.get('sha256', ''))[:12]}"
+    return str(source.get("format", "synthetic"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="synthetic", help="prepared dir, raw log file, or 'synthetic'")
+    parser.add_argument("--models", nargs="*", default=["all"], help="model names, or 'all' (default)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--out", type=Path, required=True, help="JSON output; the markdown goes beside it")
+    parser.add_argument("--variants", action="store_true", help="add the EchoMamba4Rec variant study")
+    parser.add_argument("--epochs", type=int, default=None, help="epoch cap (paper: 300; smoke: 1)")
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--runs", type=Path, default=None, help="run directories (default runs/table2/<dataset>)")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs instead of resuming them")
+    parser.add_argument("--tracking", action="store_true", help="log every run to MLflow")
+    parser.add_argument("--dataset-name", default=None, help="names the dataset (default: from --data)")
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic data, 1 epoch, 1 seed (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = args.epochs or 1
+        if args.seeds == [1, 2, 3]:
+            args.seeds = [1]
+    args.epochs = args.epochs or 300
+    from echomamba_dist.models.registry import MODELS
+
+    models = MODEL_ORDER if args.models == ["all"] else args.models
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    args.models = [m for m in MODEL_ORDER if m in models] + [m for m in models if m not in MODEL_ORDER]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    data, dataset = resolve_data(args.data, smoke=args.smoke, cache_root=REPO / "prepared")
+    name = args.dataset_name or dataset["name"]
+    dataset["name"] = name
+    key = paper_key(name)
+
+    scratch = None
+    runs_dir = args.runs
+    if runs_dir is None and args.smoke:
+        scratch = tempfile.TemporaryDirectory(prefix="table2-smoke-")
+        runs_dir = Path(scratch.name)
+    runs_dir = (runs_dir or REPO / "runs" / "table2" / name).resolve()
+
+    # (entry, model, variant, overrides): the table's models, then the variants not yet run
+    plan = [(m, m, None, {}) for m in args.models]
+    if args.variants:
+        plan += [
+            (f"echomamba4rec/{v}", "echomamba4rec", v, overrides)
+            for v, overrides in ECHO_VARIANTS.items()
+            if not (v == DEFAULT_VARIANT and "echomamba4rec" in args.models)
+        ]
+
+    report: dict[str, Any] = {
+        "dataset": dataset,
+        "paper_dataset": key,
+        "settings": {
+            "seeds": args.seeds,
+            "epochs": args.epochs,
+            "patience": args.patience,
+            "batch_size": 64 if args.smoke else 2048,
+            "max_len": SMOKE_MAX_LEN if args.smoke else 50,
+            "hidden_size": 64,
+            "dropout": 0.2,
+            "lr": 1e-3,
+            "metric": "ndcg@10",
+            "smoke": args.smoke,
+            "runner": "echomamba_dist.train.loop.train_per_worker (in process, no Ray)",
+            "runs_dir": str(runs_dir),
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "hardware": hardware(args.device),
+        "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
+        "runs": [],
+        "complete": False,
+    }
+    if key in DATASET_NOTES:
+        report["note"] = DATASET_NOTES[key]
+
+    records: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for entry, model, variant, overrides in plan:
+            for seed in args.seeds:
+                run_name = f"{model}{'-' + variant if variant and variant != DEFAULT_VARIANT else ''}-seed{seed}"
+                cfg = run_config(model, overrides, seed, data=data, args=args, runs_dir=runs_dir, run_name=run_name)
+                print(f"=== {entry} seed {seed} ({run_name})", flush=True)
+                record = train_one(cfg, fresh=args.fresh)
+                record.update(entry=entry, variant=variant)
+                records.setdefault(entry, []).append(record)
+                report["runs"].append({k: v for k, v in record.items() if k != "config"} | {"run_name": run_name})
+                report["popularity"] = record["popularity"]
+                _finish(report, records, args, started)
+        report["complete"] = True
+        _finish(report, records, args, started)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    print(render_markdown(report))
+    return 0
+
+
+def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], args: argparse.Namespace, started: float) -> None:
+    """Aggregate what has run so far and (re)write the JSON and the markdown."""
+    summary = {m: summarize(records[m]) for m in args.models if m in records}
+    if args.variants:
+        variant_runs = {
+            v: records.get(f"echomamba4rec/{v}") or (records.get("echomamba4rec") if v == DEFAULT_VARIANT else None)
+            for v in ECHO_VARIANTS
+        }
+        variant_summary = {v: summarize(rs) for v, rs in variant_runs.items() if rs}
+        best = best_variant(variant_summary)
+        report["variants"] = {"summary": variant_summary, "best": best, "chosen_on": "valid ndcg@10 (mean over seeds)"}
+        if best is not None:
+            summary["echomamba4rec"] = variant_summary[best]
+    report["summary"] = summary
+    key = report["paper_dataset"]
+    report["targets"] = [
+        {
+            "model": model, "metric": metric, "target": target,
+            "measured": summary[model]["test"][metric]["mean"] if model in summary else None,
+            "met": summary[model]["test"][metric]["mean"] >= target if model in summary else None,
+        }
+        for model, metric, target in TARGETS.get(key or "", [])
+    ]
+    report["wall_seconds"] = time.perf_counter() - started
+    _write_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
+    _write_atomic(args.out.with_suffix(".md"), render_markdown(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

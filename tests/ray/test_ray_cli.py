@@ -1,0 +1,126 @@
+"""`echomamba train` through Ray Train with 2 workers, as a user runs it: the metrics table, a
+worker killed mid-run, the driver stopped by SIGTERM and started again, and a worker that raises.
+
+Every run here uses the same seed and config as the uninterrupted reference run, so "no lost
+work" is checked as equality of the final metrics and step counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_test_helpers import tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+# a little more data than the tiniest config, so that a run lasts long enough to be interrupted
+DATA = {"synthetic": {"n_users": 600, "n_items": 60, "n_topics": 4, "mean_length": 9.0}, "max_len": 12}
+
+
+@pytest.fixture(scope="module")
+def config_file(cli):
+    cfg = tiny_config(cli.cwd, data=DATA, train={"epochs": 3, "num_workers": 1})
+    return write_config(cli.cwd / "c.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(cli, config_file):
+    """The uninterrupted run: `echomamba train --set train.num_workers=2`, tracked in MLflow."""
+    done = cli.run([
+        "train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=ref",
+        "--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri=sqlite:///{cli.cwd / 'mlflow.db'}",
+    ])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((cli.cwd / "runs" / "ref" / "metrics.json").read_text())
+    return done, metrics
+
+
+def steps_per_epoch(metrics: dict) -> int:
+    return metrics["steps"] // metrics["epochs_run"]
+
+
+def test_two_workers_train_and_print_the_metrics_table(cli, reference):
+    done, metrics = reference
+    assert "worker 0/2" in done.stdout and "worker 1/2" in done.stdout
+    assert "popularity" in done.stdout and "ndcg@10" in done.stdout and "test users 600" in done.stdout
+    assert metrics["epochs_run"] == 3 and metrics["test_users"] == 600
+    # the global batch is kept: 2 workers take the steps of one
+    from echomamba_dist.config import load_config
+    from echomamba_dist.ray_train import count_train_samples
+
+    cfg = load_config(cli.cwd / "c.yaml")
+    assert metrics["steps"] == 3 * math.ceil(count_train_samples(cfg, "prefix") / 128)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{cli.cwd / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["echomamba"], output_format="list")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(metrics["test"]["ndcg@10"])
+    assert cli.leftover() == []
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_result(cli, config_file, reference):
+    _, ref = reference
+    step = steps_per_epoch(ref) + 2  # in the second epoch: the first one is checkpointed
+    done = cli.run([
+        "train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=fault",
+        "--set", f"train.fail_at_step={step}",
+    ])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert f"killing worker rank 1" in out and "resumed from" in out and "epoch_000000" in out
+    run_dir = cli.cwd / "runs" / "fault"
+    assert (run_dir / ".fault_injected").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == ref["steps"] and metrics["epochs_run"] == ref["epochs_run"]
+    assert metrics["test"] == pytest.approx(ref["test"], abs=1e-6)
+    assert metrics["valid"] == pytest.approx(ref["valid"], abs=1e-6)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_a_stopped_driver_resumes_from_its_latest_checkpoint(cli, config_file, reference, signum):
+    _, ref = reference
+    args = ["train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=stopped"]
+    run_dir = cli.cwd / "runs" / "stopped"
+    proc = cli.popen(args)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "epoch_000000" / "meta.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "run the same command again to resume" in err
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it was stopped"
+    assert cli.leftover() == [], "processes of the stopped run are still alive"
+
+    again = cli.run(args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == ref["steps"] and metrics["epochs_run"] == ref["epochs_run"]
+    assert metrics["test"] == pytest.approx(ref["test"], abs=1e-6)
+
+
+def test_a_worker_that_raises_shows_its_exception_and_traceback(cli, config_file):
+    done = cli.run([
+        "train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=raises",
+        "--set", "data.max_len=20", "--set", "run.max_failures=0",
+    ])
+    assert done.returncode != 0
+    err = done.stderr
+    assert "ValueError: data.max_len=20 exceeds model.max_len=12" in err
+    assert "training failed on worker rank" in err
+    assert "Traceback" in err and "loop.py" in err and "train_per_worker" in err  # the worker's own frames

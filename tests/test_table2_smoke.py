@@ -1,0 +1,71 @@
+"""benchmarks/table2.py: its aggregation, and the whole harness at smoke size (CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "table2.py"
+EIGHT = ["narm", "gru4rec", "sasrec", "bert4rec", "mamba4rec", "bimamba4rec", "bimambaformer4rec", "echomamba4rec"]
+
+
+def _load_table2():
+    spec = importlib.util.spec_from_file_location("table2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(seed, hr, ndcg, *, stopped=True):
+    metrics = {"hr@10": hr, "ndcg@10": ndcg, "mrr@10": ndcg / 2}
+    return {"seed": seed, "test": metrics, "valid": metrics, "epochs_run": 12, "best_epoch": 1,
+            "stopped_early": stopped, "seconds_per_epoch": 2.0}
+
+
+def test_mean_std_and_best_variant():
+    t2 = _load_table2()
+    assert t2.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert t2.mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
+    assert t2.mean_std([])["n"] == 0
+    variants = {
+        "sum-last": t2.summarize([_record(1, 0.08, 0.040), _record(2, 0.08, 0.042)]),
+        "concat-last": t2.summarize([_record(1, 0.09, 0.043), _record(2, 0.07, 0.041, stopped=False)]),
+    }
+    assert variants["concat-last"]["valid"]["ndcg@10"]["mean"] == pytest.approx(0.042)
+    assert not variants["concat-last"]["all_stopped_early"]
+    assert t2.best_variant(variants) == "concat-last"
+    assert t2.paper_key("amazon-beauty") == "beauty" and t2.paper_key("amazon-video-games") == "video-games"
+    assert t2.paper_key("ml-100k") is None
+    assert set(t2.PAPER["beauty"]) == set(EIGHT) == set(t2.MODEL_ORDER)
+
+
+@pytest.mark.slow
+def test_table2_smoke_runs_all_eight_models(tmp_path):
+    out = tmp_path / "results" / "table2-smoke.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["settings"]["smoke"]
+    assert list(report["summary"]) == EIGHT
+    assert [r["model"] for r in report["runs"]] == EIGHT
+    for run in report["runs"]:
+        assert run["epochs_run"] == 1
+        assert all(math.isfinite(run["test"][m]) for m in ("hr@10", "ndcg@10", "mrr@10"))
+    for name, summary in report["summary"].items():
+        assert all(math.isfinite(summary["test"][m]["mean"]) for m in ("hr@10", "ndcg@10", "mrr@10")), name
+    assert report["hardware"]["torch"] and "commit" in report["git"] and report["wall_seconds"] > 0
+    markdown = out.with_suffix(".md").read_text()
+    for label in ("NARM", "GRU4Rec", "SASRec", "BERT4Rec", "Mamba4Rec", "Bi-Mamba4Rec",
+                  "Bi-Mambaformer4Rec", "EchoMamba4Rec"):
+        assert f"| {label} " in markdown
+    assert not list(tmp_path.glob("runs")) and not (REPO / "runs" / "table2" / "synthetic-smoke").exists()
