@@ -46,6 +46,16 @@ def model_config_class(name: str) -> type:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
 
 
+def model_class(name: str) -> type[SequentialRecommender]:
+    """The model class registered under `name` (e.g. to read its `sample_mode`).
+
+    Raises:
+        KeyError: unknown name; the message lists the known ones.
+    """
+    model_config_class(name)  # raises the friendly KeyError
+    return MODELS[name][0]
+
+
 def build_model(config: Any, n_items: int) -> SequentialRecommender:
     """A model for `n_items` items from its config dataclass, or from a name (its defaults).
 

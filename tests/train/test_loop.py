@@ -202,3 +202,17 @@ def test_print_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["name"] == "sasrec" and printed["train"]["lr"] == 0.001
     assert to_dict(experiment_from_dict(printed)) == printed
+
+
+@pytest.mark.slow
+def test_main_job_model_beats_popularity_on_the_builtin_data(tmp_path):
+    """The main job's model and data (defaults), a few epochs in-process: well above popularity."""
+    cfg = {
+        "train": {"epochs": 4, "ray": False, "progress": False},
+        "run": {"name": "main", "storage_path": str(tmp_path / "runs")},
+        "tracking": {"enabled": False},
+    }
+    result = train_per_worker(cfg)
+    assert result["model"] == "echomamba4rec" and result["test_users"] == 2000
+    assert result["test"]["ndcg@10"] > 2 * result["popularity"]["ndcg@10"]
+    assert result["test"]["hr@10"] > 1.5 * result["popularity"]["hr@10"]
