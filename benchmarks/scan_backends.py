@@ -31,35 +31,21 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_model as _cpu_model  # noqa: E402  (shared with the other benchmarks)
+from _common import reset_peak_rss as _reset_peak_rss  # noqa: E402
+from _common import rss_kib as _rss_kib  # noqa: E402
+from _common import write_json_atomic as _write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "scan_backends.json"
 
 
 # --- measurement (runs inside a worker subprocess) ----------------------------------------------
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _scan_inputs(batch, length, d_inner, d_state, device, seed=0):
@@ -187,17 +173,6 @@ def _worker_block(args) -> dict:
 # --- driver -------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cuda_backend_available() -> tuple[bool, str]:
     code = (
         "import torch; from echomamba_dist.ops.selective_scan import cuda_available; "
@@ -222,20 +197,6 @@ def _spawn(kind: str, backend: str, args) -> dict:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["load_average_1m_before"] = round(load_before[0], 2)
     return result
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _table(title: str, results: dict) -> str:

@@ -246,6 +246,7 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # Ray CPUs per worker; None: cores // workers locally, 1 on a cluster
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda" when called directly
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (GPU); the scan state stays fp32
+    compile: bool = False  # torch.compile the model (the selective scan stays an opaque kernel)
     metric: str = "ndcg@10"  # validation metric for early stopping and checkpoint selection
     ks: list[int] = field(default_factory=lambda: [10])  # cut-offs for HR/NDCG/MRR/Recall
     exclude_history: bool = False  # mask the user's history items when ranking (paper: off)

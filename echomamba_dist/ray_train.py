@@ -136,8 +136,8 @@ class RaySession:
         import ray.train
 
         shard = ray.train.get_dataset_shard(TRAIN_DATASET)
-        if shard is None:  # called without a "train" dataset: the loop's own samples
-            return BatchSource(samples, rank=self.rank, world_size=self.world_size, **kwargs)
+        if shard is None:
+            raise RuntimeError(f"the trainer was given no {TRAIN_DATASET!r} dataset (see build_train_dataset)")
         if self.cfg.train.data_sharding == "ray":
             if self.train_samples is None:
                 raise RuntimeError("data_sharding=ray needs the number of training samples")
@@ -292,12 +292,13 @@ def build_train_dataset(cfg: ExperimentConfig, sample_mode: str, *, materialize:
         "first_sample": pa.array(np.cumsum(per_user) - per_user),
         "items": pa.ListArray.from_arrays(pa.array(loo.train_offsets), pa.array(loo.train_items)),
     })
-    # ~16 blocks: enough to spread the work and the splits, few enough to keep task overhead low
+    # ~16 blocks: enough to spread the work and the splits, few enough to keep task overhead low;
+    # blocks of the samples hold at most 4096 users' samples each
     rows_per_block = max(1, math.ceil(users.num_rows / 16))
     blocks = [users.slice(i, rows_per_block) for i in range(0, users.num_rows, rows_per_block)]
     samples = ray.data.from_arrow(blocks).map_batches(
         samples_batch, fn_kwargs={"mode": sample_mode, "max_len": cfg.data.max_len},
-        batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        batch_format="pyarrow", batch_size=4096, zero_copy_batch=True,  # 4096 users per call
     )
     return samples.materialize() if materialize else samples
 
@@ -339,14 +340,16 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
 
 
 def resolve_for_workers(cfg: ExperimentConfig, *, local: bool) -> ExperimentConfig:
-    """A copy of `cfg` that means the same on every worker: paths and the tracking URI absolute
-    (workers run in other directories), and `cpus_per_worker` set (None: cores // workers
-    locally, 1 on a cluster)."""
+    """A copy of `cfg` that means the same on every worker: paths absolute (workers run in other
+    directories), the driver's tracking URI passed on (its MLFLOW_TRACKING_URI, or locally the
+    default store in the driver's directory; on a cluster without either, the workers' own
+    MLFLOW_TRACKING_URI applies), and `cpus_per_worker` set (None: cores // workers locally, 1 on
+    a cluster)."""
     cfg = copy.deepcopy(cfg)
     cfg.run.storage_path = str(cfg.run.run_dir.parent)
     if cfg.data.path is not None:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and (local or os.environ.get("MLFLOW_TRACKING_URI")):
         cfg.tracking.tracking_uri = cfg.tracking.resolved_uri()
     if cfg.train.cpus_per_worker is None:
         cfg.train.cpus_per_worker = max(1.0, float((os.cpu_count() or 1) // cfg.train.num_workers)) if local else 1.0

@@ -325,12 +325,32 @@ def trial_driver(
     )
     cfg = resolve_for_workers(experiment_from_dict(cfg_dict), local=not os.environ.get("RAY_ADDRESS"))
     trainer = build_trainer(cfg)
+    report = _epoch_report_callback()
     # Ray Train reads its callbacks when it fits: every epoch's report goes on to Tune
-    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _epoch_report_callback()]
+    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), report]
     try:
         trainer.fit()
     except Exception as exc:
         raise RuntimeError(worker_error_message(exc)) from exc
+    _wait_until_forwarded(report)
+
+
+def _wait_until_forwarded(report, *, timeout: float = 120.0) -> None:
+    """Return once Tune has taken the last epoch's report from the callback's queue.
+
+    Ray 2.60 passes Train's reports to Tune through a one-slot queue that Tune reads only while
+    this function runs: a report still queued when it returns is lost (the trial would end
+    without its last epoch, in ASHA, Optuna and MLflow alike).
+    """
+    import time
+
+    queue = getattr(report, "_training_actor_item_queue", None)
+    if queue is None:
+        return
+    deadline = time.monotonic() + timeout
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # Tune files the report it just took before it sees this function end
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -512,8 +532,6 @@ def run_study(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from echomamba_dist.ray_train import init_ray
-
     study = load_study(path, overrides)
     base_cfg = study.base_config
     if base_cfg.data.path:  # trials run in their own working directories
@@ -527,7 +545,7 @@ def run_study(
     )
     parent_id = _parent_run(study, tracking)
 
-    init_ray()
+    _init_ray()
     concurrency = study.tune.max_concurrent or trial_concurrency(base_cfg, ray.cluster_resources())
     # The driver only waits on its trainer, whose workers hold the trial's resources; Ray wants
     # some resource in a trial's request, so it asks for a token CPU share.
@@ -580,6 +598,32 @@ def run_study(
     return summarize(study, results, metric=metric, parent_id=parent_id, tracking=tracking)
 
 
+def _init_ray() -> None:
+    """Connect to `RAY_ADDRESS`, or start a local Ray that has its dashboard.
+
+    The dashboard serves Ray's State API, through which Ray Train notices that a trial's
+    controller died when ASHA stopped the trial; without it the trial's worker placement group
+    (its CPUs) is never released, and later trials wait for CPUs forever.
+    """
+    import socket
+
+    import ray
+
+    from echomamba_dist.ray_train import init_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        init_ray()
+        return
+    with socket.socket() as sock:  # a free port: other local Rays may hold the default one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(
+        num_cpus=(os.cpu_count() or 1) + 1,  # one spare logical CPU for Ray Data
+        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        log_to_driver=True, configure_logging=False,
+    )
+
+
 def _end_parent(tracking: TrackingConfig, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -629,7 +673,7 @@ def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
         error = ""
         if r.error:
             lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
-            error = next((ln for ln in lines if "training failed on a worker" in ln), lines[-1] if lines else "")
+            error = next((ln for ln in lines if "training failed" in ln), lines[-1] if lines else "")
         rows.append({
             "trial_id": trial_id,
             "status": status,

@@ -199,7 +199,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(failing_study):
     failed = [r for r in rows if r["param.model.combine"] == "concat"]
     ok = [r for r in rows if r["param.model.combine"] == "sum"]
     assert failed and ok, "seed 0 should sample both variants"
-    assert all(r["status"] == "ERROR" and "training failed on a worker" in r["error"] for r in failed)
+    assert all(r["status"] == "ERROR" and "training failed" in r["error"] for r in failed)
     assert all(r["status"] in ("COMPLETED", "STOPPED_EARLY") and r["val_ndcg_at_10"] > 0 for r in ok)
 
     best = load_config(study.study_dir / "best.yaml")

@@ -131,6 +131,7 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
     raise ValueError(f"unknown scan backend {backend!r}; expected auto, reference, cpu or cuda")
 
 
+@torch.compiler.disable  # an opaque kernel for torch.compile: tracing into Numba only breaks graphs
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -328,7 +328,10 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
             if is_main:
                 print(f"resumed from {ckpt_dir} (next epoch {state.epoch}, step {state.step})", flush=True)
 
-    train_module = session.prepare_model(LossModule(model))
+    loss_module: nn.Module = LossModule(model)
+    if cfg.train.compile:
+        loss_module = torch.compile(loss_module)
+    train_module = session.prepare_model(loss_module)
     source = session.batch_source(
         data.samples,
         global_batch=cfg.train.batch_size,

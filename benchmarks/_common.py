@@ -1,0 +1,461 @@
+"""Helpers shared by the benchmark scripts: hardware and load, peak memory, atomic JSON, workers,
+and the timed training step that every script measures the same way.
+
+Import it from a script in this directory as `from _common import ...` after putting the
+directory on `sys.path` (scripts run as `python benchmarks/x.py` have it there already; tests
+that load a script with importlib do not). It imports only the standard library at the top; torch
+and the package are imported inside the functions that need them, so a driver process can
+describe the machine without paying for torch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_TABLE3 = {  # Table 3 of the paper: RTX 4090, Video-Games; seconds, GB, seconds
+    "echomamba4rec": {"train_s_per_epoch": 70.2, "memory_gb": 1.61, "inference_s": 0.0252},
+    "sasrec": {"train_s_per_epoch": 163.5, "memory_gb": 6.58, "inference_s": 0.3015},
+    "bert4rec": {"train_s_per_epoch": 215.8, "memory_gb": 6.68, "inference_s": 0.3218},
+    "mamba4rec": {"train_s_per_epoch": 98.8, "memory_gb": 1.41, "inference_s": 0.0305},
+}
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded (other jobs share this machine)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def hardware(device: str = "cpu") -> dict[str, Any]:
+    """CPU, cores, memory, GPU (when `device` is cuda) and software versions, for a report."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        info["numba"] = None
+    return info
+
+
+def git_commit() -> dict[str, Any]:
+    """{"commit": HEAD or None, "dirty": whether the tree has changes}."""
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def command_line(script: str | Path, argv: list[str]) -> str:
+    """`python benchmarks/<script> <args>` as the user typed it (relative to the repo)."""
+    script = Path(script).resolve()
+    try:
+        shown = script.relative_to(REPO)
+    except ValueError:
+        shown = script
+    return " ".join(["python", str(shown), *argv])
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write `payload` as indented JSON to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --- peak memory ---------------------------------------------------------------------------------
+
+
+def rss_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: the peak), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory added while the block runs, in MiB (`.mib`), and how it was measured.
+
+    CUDA: `torch.cuda.max_memory_allocated` after resetting the peak, minus what was allocated
+    before. CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+    minus its resident set before: what the block added at its peak, allocator caching included.
+    Where clear_refs is unavailable, `ru_maxrss` (the peak since the process started) is used.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.mib: float | None = None
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._reset = reset_peak_rss()
+            self._base = rss_kib("VmRSS") or 0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            self.method = "torch.cuda.max_memory_allocated minus memory_allocated before"
+        elif self._reset and rss_kib("VmHWM") is not None:
+            self.mib = (rss_kib("VmHWM") - self._base) / 1024
+            self.method = "VmHWM after clear_refs=5, minus VmRSS before"
+        else:
+            self.mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base) / 1024
+            self.method = "ru_maxrss minus VmRSS before"
+
+
+# --- worker subprocesses -------------------------------------------------------------------------
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """os.environ with the repository first on PYTHONPATH (plus `extra`)."""
+    paths = [str(REPO), os.environ.get("PYTHONPATH")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **extra)
+
+
+def run_worker(cmd: list[str], *, timeout: float | None = None) -> dict[str, Any]:
+    """Run a worker command whose last stdout line is a JSON object; return that object.
+
+    On timeout the worker is killed and {"skipped": "..."} is returned; a failing worker raises.
+
+    Raises:
+        RuntimeError: the worker exited non-zero (the tail of its stderr is in the message).
+    """
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=repo_env(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"over the time budget of {timeout:g} s (worker killed)"}
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(cmd[1:])} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- what every script measures: training steps of the real loop, and batch inference ------------
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch: dict, *, autocast_dtype=None, loss_module=None) -> float:
+    """One optimizer step as `train_per_worker` takes it (autocast, zero_grad, backward, step).
+
+    `loss_module` is what computes the loss (`LossModule(model)`, maybe compiled); returns the loss.
+    """
+    import torch
+
+    device_type = batch["item_seq"].device.type
+    module = loss_module if loss_module is not None else model.loss
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = module(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def sample_batches(source, epoch: int, n: int) -> list[tuple[Any, int]]:
+    """Up to `n` batches of an epoch that stand for all of it: [(indices, weight)], weights summing
+    to the epoch's step count.
+
+    With n >= the epoch's steps, every batch with weight 1 (the whole epoch). Otherwise the
+    batches are sorted by width (their longest sequence: what a bucketed step costs) and cut
+    into n strata of near-equal size; the median-width batch of each stratum stands for its
+    stratum (weight = its size). Without bucketing every batch is max_len wide, so this is a
+    plain extrapolation from n steps.
+    """
+    import numpy as np
+
+    batches = source.batch_indices(epoch)
+    if n >= len(batches):
+        return [(b, 1) for b in batches]
+    lengths = source.samples["seq_len"]
+    widths = np.array([lengths[b].max() * 1_000_000 + len(b) for b in batches])  # width, then size
+    order = np.argsort(widths, kind="stable")
+    strata = np.array_split(order, n)
+    return [(batches[s[len(s) // 2]], len(s)) for s in strata]
+
+
+def padding_stats(source, epoch: int) -> dict[str, float]:
+    """Over a whole epoch: real tokens, padded tokens, their fraction, the mean batch width."""
+    import numpy as np
+
+    lengths = source.samples["seq_len"]
+    max_len = source.samples["item_seq"].shape[1]
+    real = padded = 0
+    widths = []
+    for b in source.batch_indices(epoch):
+        width = int(lengths[b].max()) if source.bucketing else max_len
+        widths.append(width)
+        real += int(lengths[b].sum())
+        padded += width * len(b)
+    return {
+        "real_tokens": real,
+        "batch_tokens": padded,
+        "padding_fraction": 1.0 - real / padded if padded else 0.0,
+        "mean_width": float(np.mean(widths)) if widths else 0.0,
+    }
+
+
+def time_epoch(
+    model,
+    optimizer,
+    source,
+    *,
+    steps: int,
+    device,
+    epoch: int = 0,
+    autocast_dtype=None,
+    loss_module=None,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Training time of one epoch of `source`: measured (steps >= the epoch's) or estimated.
+
+    Runs `warmup` untimed steps on the epoch's first batch, then the batches of
+    `sample_batches(source, epoch, steps)`, each timed from building the batch to the end of its
+    optimizer step (as the loop's epoch time). Returns the estimate (sum of weight * time), the
+    step count, whether it is extrapolated, and the raw per-step figures.
+    """
+    model.train()
+    picked = sample_batches(source, epoch, steps)
+    first = source.to_batch(source.batch_indices(epoch)[0], device=device)
+    for _ in range(warmup):
+        train_step(model, optimizer, first, autocast_dtype=autocast_dtype, loss_module=loss_module)
+    sync(device)
+    times, widths, weights = [], [], []
+    lengths = source.samples["seq_len"]
+    for idx, weight in picked:
+        t0 = time.perf_counter()
+        batch = source.to_batch(idx, device=device)
+        train_step(model, optimizer, batch, autocast_dtype=autocast_dtype, loss_module=loss_module)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        widths.append(int(lengths[idx].max()) if source.bucketing else int(source.samples["item_seq"].shape[1]))
+        weights.append(int(weight))
+    total_steps = len(source.batch_indices(epoch))
+    return {
+        "epoch_seconds": float(sum(w * t for w, t in zip(weights, times))),
+        "steps_per_epoch": total_steps,
+        "steps_timed": len(times),
+        "extrapolated": len(times) < total_steps,
+        "step_seconds": times,
+        "step_widths": widths,
+        "step_weights": weights,
+    }
+
+
+def time_inference(model, item_seq, seq_len, *, reps: int, autocast_dtype=None) -> dict[str, Any]:
+    """`score_all` over all items for one batch of users, in eval mode without gradients:
+    one warm-up call, then the median of `reps` timed calls (seconds)."""
+    import statistics
+
+    import torch
+
+    model.eval()
+    device = item_seq.device
+    times = []
+    with torch.no_grad(), torch.autocast(
+        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        for i in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            scores = model.score_all(item_seq, seq_len)
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    del scores
+    return {"seconds": statistics.median(times), "all_seconds": times}
+
+
+def inference_batch(eval_set, n_users: int, *, device, seed: int = 0):
+    """`n_users` users drawn from an EvalSet (seeded; all of them when fewer), trimmed to their
+    longest history as `evaluate_model` trims each batch: (item_seq, seq_len) tensors."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    n = len(eval_set.seq_len)
+    pick = rng.choice(n, size=min(n_users, n), replace=False) if n_users < n else np.arange(n)
+    seq_len = eval_set.seq_len[pick]
+    width = int(seq_len.max())
+    item_seq = np.ascontiguousarray(eval_set.item_seq[pick, :width])
+    return torch.from_numpy(item_seq).to(device), torch.from_numpy(seq_len).to(device)
+
+
+def import_script(name: str):
+    """Load another benchmark script (`benchmarks/<name>.py`) as a module, e.g. to reuse a helper."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- one model on one dataset, as the training loop sets it up ------------------------------------
+
+
+def experiment(
+    model_name: str,
+    data_section: dict[str, Any],
+    *,
+    max_len: int = 50,
+    batch_size: int = 2048,
+    eval_batch_size: int = 4096,
+    bucketing: bool = True,
+    device: str = "cpu",
+    precision: str = "fp32",
+    seed: int = 42,
+    model_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The experiment dict of a benchmark run: the paper's settings (hidden 64, dropout 0.2,
+    Adam 1e-3, batch 2048, max length 50), Ray and tracking off."""
+    from echomamba_dist.models.registry import model_config_class
+
+    fields = model_config_class(model_name).__dataclass_fields__
+    model = {"name": model_name, "hidden_size": 64, "dropout": 0.2, **(model_overrides or {})}
+    if "max_len" in fields:
+        model["max_len"] = max_len
+    return {
+        "data": {**data_section, "max_len": max_len, "bucketing": bucketing},
+        "model": model,
+        "train": {
+            "batch_size": batch_size, "eval_batch_size": eval_batch_size, "lr": 1e-3, "seed": seed,
+            "device": device, "precision": precision, "ray": False, "progress": False,
+        },  # fmt: skip
+        "tracking": {"enabled": False},
+    }
+
+
+def build_run(config: dict[str, Any], *, data=None):
+    """(cfg, training data, model on its device, Adam, BatchSource) for an experiment dict, set up
+    as `train_per_worker` sets them up (same seeds, same samples, same batches). Pass `data` (a
+    TrainingData of the same dataset, max_len and sample mode) to skip loading it again."""
+    import torch
+
+    from echomamba_dist.config import experiment_from_dict
+    from echomamba_dist.models.registry import build_model, model_class
+    from echomamba_dist.train.loop import BatchSource, build_training_data, resolve_device, seed_everything
+
+    cfg = experiment_from_dict(config)
+    device = resolve_device(cfg.train.device)
+    if data is None:
+        data = build_training_data(cfg, model_class(cfg.model_name).sample_mode)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, n_items=data.n_items).to(device)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
+    source = BatchSource(
+        data.samples, global_batch=cfg.train.batch_size, seed=cfg.train.seed, bucketing=cfg.data.bucketing,
+        max_steps=cfg.train.max_steps_per_epoch,
+    )  # fmt: skip
+    return cfg, data, model, optimizer, source
+
+
+def warm_up(model_name: str, device, *, autocast_dtype=None, model_overrides: dict[str, Any] | None = None) -> None:
+    """One training step and one scoring call of a tiny model of the same kind, so that one-off
+    costs (Numba cache load or compile, oneDNN / cuBLAS initialisation, the CUDA context) land
+    before any figure is taken."""
+    import torch
+
+    from echomamba_dist.models.registry import build_model, model_class, model_config_class
+
+    cls = model_config_class(model_name)
+    kwargs = {k: v for k, v in (model_overrides or {}).items() if k in cls.__dataclass_fields__}
+    if "max_len" in cls.__dataclass_fields__:
+        kwargs["max_len"] = 8
+    model = build_model(cls(**kwargs), 10).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seq = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]], device=device)
+    seq_len = torch.tensor([3, 2], device=device)
+    if model_class(model_name).sample_mode == "prefix":
+        target = torch.tensor([4, 6], device=device)
+    else:
+        target = torch.tensor([[2, 3, 7, 0], [5, 8, 0, 0]], device=device)
+    train_step(model, optimizer, {"item_seq": seq, "seq_len": seq_len, "target": target}, autocast_dtype=autocast_dtype)
+    time_inference(model, seq, seq_len, reps=1, autocast_dtype=autocast_dtype)
+    sync(device)
