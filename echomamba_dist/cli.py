@@ -15,7 +15,7 @@ from typing import Any
 
 from echomamba_dist import __version__
 from echomamba_dist.config import ConfigError, load_config, to_dict
-from echomamba_dist.errors import CheckpointError, DataError
+from echomamba_dist.errors import CheckpointError, DataError, WorkerError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"echomamba {command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"echomamba {command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"echomamba {command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -10,3 +10,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or belongs to a different model or dataset."""
+
+
+class WorkerError(RuntimeError):
+    """Training failed on a Ray worker; the message holds the worker's exception and traceback."""

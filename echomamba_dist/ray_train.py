@@ -40,15 +40,13 @@ import numpy as np
 import torch
 
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict
+from echomamba_dist.errors import WorkerError
 from echomamba_dist.train.loop import METRICS_FILE, BatchSource, train_per_worker
 from echomamba_dist.train.tracking import metric_key
 
 TRAIN_DATASET = "train"
 SAMPLE_COLUMNS = ("item_seq", "seq_len", "target")
 
-
-class WorkerError(RuntimeError):
-    """Training failed on a Ray worker; the message holds the worker's exception and traceback."""
 
 
 # ----------------------------------------------------------------------------------------------

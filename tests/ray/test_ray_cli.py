@@ -99,7 +99,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_with_the_same_res
     assert metrics["valid"] == pytest.approx(ref["valid"], abs=1e-6)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_stopped_driver_resumes_from_its_latest_checkpoint(cli, config_file, reference, signum):
     _, ref = reference
     args = ["train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=stopped"]
@@ -135,7 +135,7 @@ def test_a_worker_that_raises_shows_its_exception_and_traceback(cli, config_file
         "train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=raises",
         "--set", "data.max_len=20", "--set", "run.max_failures=0",
     ])
-    assert done.returncode != 0
+    assert done.returncode == 1  # the worker's error, printed by the CLI, not a driver traceback
     err = done.stderr
     assert "ValueError: data.max_len=20 exceeds model.max_len=12" in err
     assert "training failed on worker rank" in err
