@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="prepare in this process instead of on Ray Data")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    p = sub.add_parser("train", help="train a model (the main job when given no argument)")
+    p = sub.add_parser(
+        "train", help="train a model; without --config, the main job (echomamba_dist/configs/main.yaml)"
+    )
     _add_config_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -109,8 +111,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+MAIN_JOB_CONFIG = Path(__file__).resolve().parent / "configs" / "main.yaml"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    # without --config: the main job (packaged config; `--print-config` shows it)
+    cfg = load_config(args.config or MAIN_JOB_CONFIG, args.overrides)
     if args.print_config:
         import yaml
 
