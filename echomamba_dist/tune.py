@@ -245,7 +245,9 @@ def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """NumPy scalars (which samplers may return) -> Python scalars."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+    import numpy as np
+
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def _epoch_report_callback():
         def after_report(self, run_context, metrics, checkpoint):
             first = dict(metrics[0])
             if first.get("done") or "epoch" not in first:
-                return  # the loop's last report (test metrics of a run without test): not an epoch
+                return  # the loop's closing report (after its last epoch) carries no validation
             first[TIME_ATTR] = int(first["epoch"]) + 1
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
@@ -309,11 +311,12 @@ def trial_driver(
     (same run name and storage path).
 
     Raises:
-        RuntimeError: with the failing worker's error when training fails.
+        WorkerError: with the failing worker's error when training fails.
     """
     import ray.data
     import ray.tune
 
+    from echomamba_dist.errors import WorkerError
     from echomamba_dist.ray_train import build_trainer, resolve_for_workers, worker_error_message
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -331,7 +334,7 @@ def trial_driver(
     try:
         trainer.fit()
     except Exception as exc:
-        raise RuntimeError(worker_error_message(exc)) from exc
+        raise WorkerError(worker_error_message(exc)) from exc
     _wait_until_forwarded(report)
 
 
@@ -440,7 +443,7 @@ def _mlflow_callback_class():
             run_id = self._trial_runs.pop(trial)
             client = MlflowClient(tracking_uri=self.tracking_uri)
             if failed:
-                client.set_tag(run_id, "echomamba.error", _first_line(trial.error_file, trial))
+                client.set_tag(run_id, "echomamba.error", _error_summary(_read_text(trial.error_file)))
             client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
         def _experiment_id(self, client) -> str:
@@ -454,15 +457,18 @@ def _param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _first_line(error_file: str | None, trial) -> str:
-    text = ""
+def _read_text(path: str | None) -> str:
     try:
-        if error_file and Path(error_file).is_file():
-            text = Path(error_file).read_text(errors="replace")
+        return Path(path).read_text(errors="replace") if path else ""
     except OSError:
-        pass
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else f"trial {trial.trial_id} failed")[:500]
+        return ""
+
+
+def _error_summary(text: str) -> str:
+    """The line of a trial's error that says what failed (`worker_error_message`'s first line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "training failed" in ln), lines[-1] if lines else "the trial failed")
+    return line[:500]
 
 
 def _parent_run(study: Study, tracking: TrackingConfig) -> str:
@@ -527,11 +533,8 @@ def run_study(
     Raises:
         ConfigError: the study file is invalid.
         RuntimeError: every trial failed.
+        KeyboardInterrupt: the study was interrupted (Ctrl-C); the same command resumes it.
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     study = load_study(path, overrides)
     base_cfg = study.base_config
     if base_cfg.data.path:  # trials run in their own working directories
@@ -545,7 +548,26 @@ def run_study(
     )
     parent_id = _parent_run(study, tracking)
 
-    _init_ray()
+    previous_tmpdir = os.environ.get("RAY_TMPDIR")
+    try:
+        _init_ray()
+        return _run_tuner(study, fail_on=fail_on, parent_id=parent_id, tracking=tracking, metric=metric)
+    finally:  # Ray's processes keep the temp dir they were started with
+        if previous_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous_tmpdir
+
+
+def _run_tuner(study: Study, *, fail_on: dict[str, Any] | None, parent_id: str, tracking: TrackingConfig,
+               metric: str) -> dict[str, Any]:
+    """Build (or restore) the Tuner, fit it, and summarise the study."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base_cfg = study.base_config
+    study_dir = study.study_dir
     concurrency = study.tune.max_concurrent or trial_concurrency(base_cfg, ray.cluster_resources())
     # The driver only waits on its trainer, whose workers hold the trial's resources; Ray wants
     # some resource in a trial's request, so it asks for a token CPU share.
@@ -592,6 +614,9 @@ def run_study(
           f"{study.tune.search_alg} search, ASHA on {metric}; MLflow parent run {parent_id}", flush=True)
     try:
         results = tuner.fit()
+        if results.num_terminated + results.num_errors < study.tune.num_samples:
+            # Tune stops on Ctrl-C after saving its state, and returns what it has
+            raise KeyboardInterrupt(f"study {study.tune.name} interrupted")
     except BaseException:
         _end_parent(tracking, parent_id, "KILLED")
         raise
@@ -599,13 +624,17 @@ def run_study(
 
 
 def _init_ray() -> None:
-    """Connect to `RAY_ADDRESS`, or start a local Ray that has its dashboard.
+    """Connect to `RAY_ADDRESS`, or start a local Ray that Ray Train can clean up after.
 
-    The dashboard serves Ray's State API, through which Ray Train notices that a trial's
-    controller died when ASHA stopped the trial; without it the trial's worker placement group
-    (its CPUs) is never released, and later trials wait for CPUs forever.
+    When ASHA stops a trial, the trial's Train controller dies with it, and Ray Train's
+    placement-group cleaner releases the trial's workers (their CPUs) only once Ray's State API
+    says the controller is dead. That API needs the dashboard, and it finds the cluster by its
+    temp dir's `ray_current_cluster` file, else by looking for a single Ray on the machine. So a
+    local Ray gets its dashboard (on a free port) and a temp dir of its own that names it; without
+    them, trials stopped early would keep their CPUs and later trials would wait forever.
     """
     import socket
+    import tempfile
 
     import ray
 
@@ -614,14 +643,20 @@ def _init_ray() -> None:
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         init_ray()
         return
-    with socket.socket() as sock:  # a free port: other local Rays may hold the default one
+    with socket.socket() as sock:  # other local Rays may hold the default port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # short: Ray's socket paths are length-limited; inherited by every Ray process started here
+    temp_root = tempfile.mkdtemp(prefix="ray-tune-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    os.environ["RAY_TMPDIR"] = temp_root
     ray.init(
         num_cpus=(os.cpu_count() or 1) + 1,  # one spare logical CPU for Ray Data
         include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
         log_to_driver=True, configure_logging=False,
     )
+    address_file = Path(temp_root) / "ray" / "ray_current_cluster"
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(ray.get_runtime_context().gcs_address)
 
 
 def _end_parent(tracking: TrackingConfig, run_id: str, status: str) -> None:
@@ -654,14 +689,16 @@ def trial_history(run_dir: Path) -> dict[str, Any] | None:
 
 
 def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
-    """One row per trial of a Tune ResultGrid (see `summarize`)."""
+    """One row per trial of a Tune ResultGrid (see `summarize`), best first."""
+    from echomamba_dist.train.loop import METRICS_FILE
+
     epochs_max = study.base_config.train.epochs
     rows = []
     for r in results:
         trial_id = Path(r.path).name.removeprefix("trial-")
         run_dir = study.study_dir / TRIALS_DIR / trial_run_name(trial_id)
         hist = trial_history(run_dir)
-        finished = (run_dir / "metrics.json").is_file()  # the loop ran to its end (or its patience)
+        finished = (run_dir / METRICS_FILE).is_file()  # the loop ran to its end (or its patience)
         if r.error:
             status = "ERROR"
         elif hist is None:
@@ -670,10 +707,6 @@ def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
             status = "COMPLETED"
         else:
             status = "STOPPED_EARLY"  # by ASHA
-        error = ""
-        if r.error:
-            lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
-            error = next((ln for ln in lines if "training failed" in ln), lines[-1] if lines else "")
         rows.append({
             "trial_id": trial_id,
             "status": status,
@@ -681,7 +714,7 @@ def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
             "best_epoch": hist["best_epoch"] if hist else -1,
             metric: hist["best"] if hist else float("nan"),
             **{f"param.{k}": v for k, v in sampled_params(r.config or {}).items()},
-            "error": error[:500],
+            "error": _error_summary(str(r.error)) if r.error else "",
             "run_dir": str(run_dir),
         })
     rows.sort(key=lambda row: (-row[metric] if row[metric] == row[metric] else math.inf, row["trial_id"]))

@@ -69,12 +69,17 @@ def mlflow_server(tmp_path):
 @pytest.fixture
 def ray_head(tmp_path):
     port, dash = free_port(), free_port()
+    # every port of this head chosen free: another Ray on the machine may hold the defaults
+    extra_ports = {flag: free_port() for flag in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+        "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+    )}
     temp_dir = Path("/tmp") / f"ray-e2e-{os.getpid()}"  # short: Ray's socket paths are length-limited
     env = RAY_ENV
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in extra_ports.items())],
         check=True, env=env, capture_output=True, timeout=180,
     )
     address = f"http://127.0.0.1:{dash}"
