@@ -713,12 +713,21 @@ def results_rows(study: Study, results, *, metric: str) -> list[dict[str, Any]]:
             "epochs": hist["epochs"] if hist else 0,
             "best_epoch": hist["best_epoch"] if hist else -1,
             metric: hist["best"] if hist else float("nan"),
-            **{f"param.{k}": v for k, v in sampled_params(r.config or {}).items()},
+            **{f"param.{k}": v for k, v in _trial_params(r).items()},
             "error": _error_summary(str(r.error)) if r.error else "",
             "run_dir": str(run_dir),
         })
     rows.sort(key=lambda row: (-row[metric] if row[metric] == row[metric] else math.inf, row["trial_id"]))
     return rows
+
+
+def _trial_params(result) -> dict[str, Any]:
+    """A trial's sampled parameters; from its params.json when Tune restored it without them
+    (a trial that had failed before the study was resumed)."""
+    if result.config:
+        return sampled_params(result.config)
+    path = Path(result.path) / "params.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
@@ -788,6 +797,7 @@ def summarize(study: Study, results, *, metric: str, parent_id: str, tracking: T
 
     test = best_trial_test_metrics(Path(best_row["run_dir"]))
     client = MlflowClient(tracking_uri=tracking.resolved_uri())
+    _complete_child_histories(client, parent_id, rows, metric=metric)
     now = _now_ms()
     client.log_batch(
         parent_id,
@@ -809,6 +819,35 @@ def summarize(study: Study, results, *, metric: str, parent_id: str, tracking: T
     print(f"best config: {best_path}  (echomamba train --config {best_path})\nresults: {results_path}")
     return {"best_trial": best_row["trial_id"], "best_config": str(best_path), "results": str(results_path),
             "test": test, "rows": rows, "parent_run_id": parent_id}
+
+
+def _complete_child_histories(client, parent_id: str, rows: list[dict[str, Any]], *, metric: str) -> None:
+    """Log to each trial's child run the epochs that its checkpoint holds but Tune never saw.
+
+    A trial that ASHA stops has usually trained on while Tune decided, and a trial restarted by
+    a resumed study may have trained epochs whose reports were lost with the old driver.
+    """
+    from mlflow.entities import Metric
+
+    runs = {}
+    for run in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    ):
+        runs.setdefault(run.data.tags.get(TRIAL_ID_TAG), run.info.run_id)
+    now = _now_ms()
+    for row in rows:
+        run_id = runs.get(row["trial_id"])
+        hist = trial_history(Path(row["run_dir"]))
+        if run_id is None or hist is None:
+            continue
+        seen = {m.step for m in client.get_metric_history(run_id, metric)}
+        missing = [
+            Metric(metric_key(k), float(v), now, int(record["epoch"]))
+            for record in hist["history"] if int(record["epoch"]) not in seen
+            for k, v in record.items() if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        for start in range(0, len(missing), 1000):  # MLflow takes at most 1000 metrics a batch
+            client.log_batch(run_id, metrics=missing[start:start + 1000])
 
 
 def _now_ms() -> int:
