@@ -376,23 +376,31 @@ def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def read_yaml_mapping(path: str | os.PathLike, *, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is {}).
+
+    Raises:
+        ConfigError: naming the file: missing, not YAML, or not a mapping at the top level.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config file (optional), apply `key=value` overrides, and validate.
 
     Raises:
         ConfigError: the file is missing or not YAML, or a key/value is invalid (named).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     if overrides:
         data = apply_overrides(data, overrides)
     try:

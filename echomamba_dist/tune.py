@@ -54,6 +54,7 @@ from echomamba_dist.config import (
     experiment_from_dict,
     flatten,
     from_dict,
+    read_yaml_mapping,
     to_dict,
 )
 from echomamba_dist.train.tracking import metric_key
@@ -131,14 +132,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> S
         ConfigError: naming the file and the key that is wrong.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: study file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    data = read_yaml_mapping(p, what="study file")
     try:
         data = _apply_search_overrides(data, overrides or [])
         search = data.pop("search", None)
