@@ -74,6 +74,19 @@ class Watchdog:
         self.step_started: float | None = None
         threading.Thread(target=self._watch, daemon=True).start()
 
+    def over_time(self, seconds: float) -> None:
+        """Skips the point when a step that already finished took longer than the budget.
+
+        The watchdog thread polls every 50 ms, so a step shorter than that can end before the thread
+        looks; this check after each step makes the budget hold for any step length.
+        """
+        if seconds > self.time_budget:
+            self.skip(f"a step ran past the time budget of {self.time_budget:g} s ({seconds:.3g} s)")
+
+    def skip(self, reason: str) -> None:
+        print(json.dumps({"skipped": reason, "load_average": load_average()}), flush=True)
+        os._exit(0)
+
     def _watch(self) -> None:
         while True:
             time.sleep(0.05)
@@ -90,8 +103,7 @@ class Watchdog:
                 if torch.cuda.memory_allocated() > self.memory_kib * 1024:
                     reason = f"GPU memory passed the budget of {self.memory_kib / 2**20:g} GiB"
             if reason:
-                print(json.dumps({"skipped": reason, "load_average": load_average()}), flush=True)
-                os._exit(0)
+                self.skip(reason)
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -127,6 +139,7 @@ def _worker(args: argparse.Namespace) -> dict:
     with PeakMemory(cuda) as peak:
         train_step(model, optimizer, batch, autocast_dtype=autocast)
     first = time.perf_counter() - dog.step_started
+    dog.over_time(first)
     times, cpu = [], []
     for _ in range(args.reps):
         sync(device)
@@ -136,6 +149,7 @@ def _worker(args: argparse.Namespace) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        dog.over_time(times[-1])
     dog.step_started = None
     return {
         "model": args.worker,
