@@ -47,23 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    # evaluate and recommend: a config file (jobs/configs/evaluate-*.yaml, recommend-*.yaml) and/or
+    # flags; a flag given on the command line wins over the file.
     p = sub.add_parser("evaluate", help="score a checkpoint on a prepared dataset")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    p.add_argument("--data", default=None, help="prepared dataset directory (default: the one trained on)")
-    p.add_argument("--split", choices=["valid", "test"], default="test")
-    p.add_argument("--exclude-history", action="store_true", help="mask history items when ranking")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint directory or run directory")
+    p.add_argument("--data", help="prepared dataset directory (default: the one trained on)")
+    p.add_argument("--split", choices=["valid", "test"], help="default: test")
+    p.add_argument("--exclude-history", action="store_true", default=None, help="mask history items when ranking")
+    p.add_argument("--output", help="also write the metrics to this JSON file")
 
     p = sub.add_parser("recommend", help="top-K items for users of a prepared dataset, or for one history")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    p.add_argument("--data", default=None, help="prepared dataset directory (default: the one trained on)")
-    p.add_argument("--output", default=None, help="Parquet file for all users' recommendations")
-    p.add_argument("--history", default=None, help="inline history of original item ids, oldest first, space-separated")
-    p.add_argument("--users", default=None, help="comma-separated original user ids (default: all users)")
-    p.add_argument("-k", "--top-k", type=int, default=10)
-    p.add_argument("--include-history", action="store_true", help="allow items the user already has")
-    p.add_argument("--ray", action="store_true", help="score all users on Ray Data with a pool of actors; --output is a directory")
-    p.add_argument("--actors", type=int, default=2, help="model-holding actors (with --ray)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor (with --ray)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint directory or run directory")
+    p.add_argument("--data", help="prepared dataset directory (default: the one trained on)")
+    p.add_argument("--output", help="Parquet file for all users' recommendations")
+    p.add_argument("--history", help="inline history of original item ids, oldest first, space-separated")
+    p.add_argument("--users", help="comma-separated original user ids (default: all users)")
+    p.add_argument("-k", "--top-k", type=int, help="default: 10")
+    p.add_argument("--include-history", action="store_true", default=None, help="allow items the user already has")
+    p.add_argument("--ray", action="store_true", default=None, help="score all users on Ray Data with a pool of actors; --output is a directory")
+    p.add_argument("--actors", type=int, help="model-holding actors (with --ray; default 2)")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per actor (with --ray)")
 
     sub.add_parser("models", help="list the models with their parameter counts")
 
@@ -167,70 +172,83 @@ def _eval_data(loaded, data_path: str | None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from echomamba_dist.config import EvaluateConfig, load_command_config
     from echomamba_dist.inference import load_model
     from echomamba_dist.train.evaluate import evaluate_model
 
-    loaded = load_model(args.checkpoint)
-    data = _eval_data(loaded, args.data)
-    split = data.test if args.split == "test" else data.valid
-    import torch
-
+    flags = {k: getattr(args, k) for k in ("checkpoint", "data", "split", "exclude_history", "output")}
+    job = load_command_config(EvaluateConfig, args.config, args.overrides, flags)
+    loaded = load_model(job.checkpoint)
+    data = _eval_data(loaded, job.data)
+    split = data.test if job.split == "test" else data.valid
     metrics = evaluate_model(
         loaded.model, split, ks=loaded.config.train.ks, batch_size=loaded.config.train.eval_batch_size,
-        device=torch.device("cpu"), exclude_history=args.exclude_history,
+        device=torch.device("cpu"), exclude_history=job.exclude_history,
     )
-    print(json.dumps({"checkpoint": str(loaded.checkpoint_dir), "split": args.split, **metrics}, indent=2))
+    report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, **metrics}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if job.output is not None:
+        out = Path(job.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out)
     return 0
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    from echomamba_dist.config import RecommendConfig, load_command_config
     from echomamba_dist.data.dataset import load_dataset
     from echomamba_dist.inference import load_model, pad_histories, topk_items
 
-    loaded = load_model(args.checkpoint)
+    flags = {k: getattr(args, k) for k in (
+        "checkpoint", "data", "output", "history", "top_k", "include_history", "ray", "actors", "gpu")}
+    flags["users"] = args.users.split(",") if args.users else None
+    job = load_command_config(RecommendConfig, args.config, args.overrides, flags)
+    loaded = load_model(job.checkpoint)
     cfg = loaded.config
-    if args.data is not None:
-        cfg.data.path = args.data
+    if job.data is not None:
+        cfg.data.path = job.data
     ds = load_dataset(cfg.data)
     if ds.n_items != int(loaded.meta["n_items"]):
         raise CheckpointError(f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, dataset has {ds.n_items}")
     item_ids = [str(x) for x in ds.item_ids]
-    if args.history is not None:
+    if job.history is not None:
         index = {item_ids[i]: i for i in range(1, len(item_ids))}
-        tokens = args.history.split()
+        tokens = job.history.split()
         unknown = [t for t in tokens if t not in index]
         if unknown or not tokens:
-            raise DataError(f"--history: unknown item id(s) {unknown[:5]} (expected original ids of the dataset)" if unknown else "--history: empty")
+            raise DataError(f"history: unknown item id(s) {unknown[:5]} (expected original ids of the dataset)" if unknown else "history: empty")
         seq, seq_len = pad_histories([[index[t] for t in tokens]], cfg.data.max_len)
-        top, scores = topk_items(loaded.model, seq, seq_len, k=args.top_k, exclude_history=not args.include_history)
+        top, scores = topk_items(loaded.model, seq, seq_len, k=job.top_k, exclude_history=not job.include_history)
         for r, (i, s) in enumerate(zip(top[0], scores[0]), start=1):
             print(f"{r:3d}  {item_ids[i]}  {s:.4f}")
         return 0
-    if args.output is None:
-        raise ConfigError("recommend: give --output FILE.parquet (all users) or --history 'ITEM ITEM ...'")
     from echomamba_dist.serving import recommend_on_ray, recommend_users, write_recommendations
 
-    if args.ray:
+    if job.ray:
         n = recommend_on_ray(
-            loaded.checkpoint_dir, ds, args.output, k=args.top_k, exclude_history=not args.include_history,
-            num_actors=args.actors, use_gpu=args.gpu,
+            loaded.checkpoint_dir, ds, job.output, k=job.top_k, exclude_history=not job.include_history,
+            num_actors=job.actors, use_gpu=job.gpu,
         )
-        print(f"wrote top-{args.top_k} recommendations for {n} users to {args.output}/ (Ray Data, {args.actors} actors)")
+        print(f"wrote top-{job.top_k} recommendations for {n} users to {job.output}/ (Ray Data, {job.actors} actors)")
         return 0
 
     user_ids = [str(u) for u in ds.user_ids]
-    if args.users:
-        wanted = args.users.split(",")
+    if job.users is not None:
         pos = {u: i for i, u in enumerate(user_ids)}
-        missing = [u for u in wanted if u not in pos]
+        missing = [u for u in job.users if u not in pos]
         if missing:
-            raise DataError(f"--users: unknown user id(s) {missing[:5]}")
-        users = [pos[u] for u in wanted]
+            raise DataError(f"users: unknown user id(s) {missing[:5]}")
+        users = [pos[u] for u in job.users]
     else:
         users = list(range(len(user_ids)))
-    table = recommend_users(loaded, ds, users, k=args.top_k, exclude_history=not args.include_history)
-    write_recommendations(table, args.output)
-    print(f"wrote top-{args.top_k} recommendations for {len(users)} users to {args.output}")
+    table = recommend_users(loaded, ds, users, k=job.top_k, exclude_history=not job.include_history)
+    write_recommendations(table, job.output)
+    print(f"wrote top-{job.top_k} recommendations for {len(users)} users to {job.output}")
     return 0
 
 

@@ -418,3 +418,84 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     os.replace(tmp, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate and recommend commands (jobs/configs/evaluate-*.yaml, recommend-*.yaml)
+
+
+@dataclass
+class EvaluateConfig:
+    """`echomamba evaluate` / `jobs/evaluate.py`: score a checkpoint on one split."""
+
+    checkpoint: str = ""  # checkpoint directory, or a run directory (its best checkpoint); required
+    data: str | None = None  # prepared dataset directory; None: the one the checkpoint trained on
+    split: Literal["valid", "test"] = "test"
+    exclude_history: bool = False  # mask the user's history items when ranking
+    output: str | None = None  # JSON file for the metrics (written atomically); None: printed only
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (a checkpoint directory or a run directory)")
+
+
+@dataclass
+class RecommendConfig:
+    """`echomamba recommend` / `jobs/recommend.py`: top-K items, with original ids.
+
+    Either `output` (all users, or `users`, written to Parquet) or `history` (one inline history,
+    printed).
+    """
+
+    checkpoint: str = ""  # checkpoint directory, or a run directory (its best checkpoint); required
+    data: str | None = None  # prepared dataset directory; None: the one the checkpoint trained on
+    output: str | None = None  # Parquet file; with `ray`, a directory of Parquet files
+    history: str | None = None  # original item ids, oldest first, space-separated
+    users: list[str | int] | None = None  # original user ids; None: every user of the dataset
+    top_k: int = 10
+    include_history: bool = False  # allow items the user already interacted with
+    ray: bool = False  # score on Ray Data with a pool of model-holding actors
+    actors: int = 2  # actors in the pool (with `ray`)
+    gpu: bool = False  # one GPU per actor (with `ray`)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (a checkpoint directory or a run directory)")
+        if (self.output is None) == (self.history is None):
+            raise ConfigError("output / history: give exactly one (output: a Parquet path for users; history: 'ITEM ITEM ...')")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k: expected >= 1, got {self.top_k}")
+        if self.actors < 1:
+            raise ConfigError(f"actors: expected >= 1, got {self.actors}")
+        if self.ray and (self.history is not None or self.users is not None):
+            raise ConfigError("ray: scores every user of the dataset; drop history and users, or set ray: false")
+        if self.gpu and not self.ray:
+            raise ConfigError("gpu: only with ray: true (the actors hold the model on GPUs)")
+        if self.users is not None:
+            self.users = [str(u) for u in self.users]  # YAML reads `users: [17, 42]` as integers
+
+
+def load_command_config(
+    cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Any:
+    """A command's config: the YAML file, then `key=value` overrides, then command-line flags.
+
+    Args:
+        cls: EvaluateConfig or RecommendConfig.
+        path: YAML file (optional).
+        overrides: `key=value` strings (`--set`).
+        flags: values of explicit command-line flags; None values are flags not given.
+    Raises:
+        ConfigError: naming the file (when one is given) and the key.
+    """
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    data.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise

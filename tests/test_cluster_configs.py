@@ -128,20 +128,24 @@ def _load_job_config(rel: str) -> dict:
 
 
 def _train_configs() -> list[str]:
-    """Referenced job configs that describe one training run (they have a `train` section)."""
+    """Referenced job configs that reserve workers: a training run (`train` section) or a batch
+    recommendation on Ray (`ray: true`, `actors`)."""
     out = []
     for rel in sorted(_job_references()):
         if rel.startswith("jobs/configs/") and rel.endswith((".yaml", ".yml")):
             path = ROOT / rel
             if path.is_file():
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                if isinstance(data, dict) and isinstance(data.get("train"), dict):
+                if isinstance(data, dict) and (isinstance(data.get("train"), dict) or data.get("ray") is True):
                     out.append(rel)
     return out
 
 
 def _gpu_need(train: dict) -> tuple[int, float]:
     """(GPUs, CPUs) that a training config reserves: one GPU per worker when use_gpu."""
+    if "actors" in train:  # a recommend config: one GPU (and one CPU) per actor when gpu
+        actors = int(train["actors"])
+        return (actors if train.get("gpu", False) else 0), float(actors)
     workers = int(train.get("num_workers", 1))
     gpus = workers if train.get("use_gpu", False) else 0
     cpus = workers * float(train.get("cpus_per_worker", 1.0))
@@ -170,8 +174,9 @@ def test_yaml_parses(path):
 
 def test_required_job_configs_are_referenced():
     refs = _job_references()
-    for rel in ("jobs/configs/beauty-gpu.yaml", "jobs/configs/tune-beauty.yaml",
-                "jobs/train.py", "jobs/tune.py"):
+    for rel in ("jobs/configs/beauty-gpu.yaml", "jobs/configs/tune-beauty.yaml", "jobs/configs/evaluate-beauty.yaml",
+                "jobs/configs/recommend-beauty.yaml", "jobs/train.py", "jobs/tune.py", "jobs/evaluate.py",
+                "jobs/recommend.py"):
         assert rel in refs, f"{rel} is not named anywhere under cluster/"
 
 
@@ -283,8 +288,8 @@ def test_rayjob_cluster_covers_its_training_config():
 @pytest.mark.parametrize("rel", _train_configs())
 def test_every_gpu_cluster_fits_the_training_configs(rel):
     """Each referenced training config fits every cluster definition it may be submitted to."""
-    train = _load_job_config(rel)["train"]
-    need_gpus, need_cpus = _gpu_need(train)
+    data = _load_job_config(rel)
+    need_gpus, need_cpus = _gpu_need(data.get("train", data))
     for label, spec, _ in _ray_cluster_specs():
         gpus, cpus = _k8s_capacity(spec)
         assert gpus >= need_gpus and cpus >= need_cpus, (

@@ -96,3 +96,56 @@ def test_run_dir_is_absolute(tmp_path):
     cfg = experiment_from_dict({"run": {"name": "x", "storage_path": str(tmp_path)}})
     assert cfg.run.run_dir == tmp_path.resolve() / "x"
     assert isinstance(cfg, ExperimentConfig) and isinstance(cfg.train, TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate / recommend command configs (jobs/configs/evaluate-*.yaml, recommend-*.yaml)
+
+from pathlib import Path  # noqa: E402
+
+from echomamba_dist.config import EvaluateConfig, RecommendConfig, load_command_config  # noqa: E402
+
+JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+def test_command_config_file_then_set_then_flags(tmp_path):
+    path = tmp_path / "rec.yaml"
+    path.write_text("checkpoint: runs/a\noutput: out.parquet\ntop_k: 5\nusers: [17, u2]\n")
+    job = load_command_config(RecommendConfig, path)
+    assert (job.checkpoint, job.output, job.top_k, job.ray) == ("runs/a", "out.parquet", 5, False)
+    assert job.users == ["17", "u2"]  # YAML integers become original-id strings
+    job = load_command_config(RecommendConfig, path, ["top_k=7", "checkpoint=runs/b"], {"checkpoint": "runs/c", "top_k": None})
+    assert (job.checkpoint, job.top_k) == ("runs/c", 7)  # a flag wins over --set; an absent flag (None) does not
+
+
+@pytest.mark.parametrize(
+    "cls, text, needle",
+    [
+        (EvaluateConfig, "split: test\n", "checkpoint: required"),
+        (EvaluateConfig, "checkpoint: r\nsplit: train\n", "split: expected one of ['valid', 'test']"),
+        (EvaluateConfig, "checkpoint: r\nk: 3\n", "unknown config key k"),
+        (RecommendConfig, "checkpoint: r\n", "give exactly one"),
+        (RecommendConfig, "checkpoint: r\noutput: o\nhistory: a b\n", "give exactly one"),
+        (RecommendConfig, "checkpoint: r\noutput: o\ntop_k: 0\n", "top_k: expected >= 1"),
+        (RecommendConfig, "checkpoint: r\noutput: o\nray: true\nusers: [a]\n", "drop history and users"),
+        (RecommendConfig, "checkpoint: r\noutput: o\ngpu: true\n", "gpu: only with ray"),
+        (RecommendConfig, "checkpoint: r\noutput: o\nactors: two\n", "actors: expected an integer"),
+    ],
+)
+def test_command_config_errors_name_the_file_and_key(tmp_path, cls, text, needle):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_command_config(cls, path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_every_evaluate_and_recommend_job_config_loads():
+    evaluates = sorted(JOB_CONFIGS.glob("evaluate-*.yaml"))
+    recommends = sorted(JOB_CONFIGS.glob("recommend-*.yaml"))
+    assert evaluates and recommends
+    for path in evaluates:
+        assert load_command_config(EvaluateConfig, path).checkpoint
+    for path in recommends:
+        job = load_command_config(RecommendConfig, path)
+        assert job.output and job.ray  # the job configs are the batch (Ray Data) path

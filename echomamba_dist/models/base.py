@@ -14,16 +14,24 @@ Conventions (docs/architecture.md):
 Weight initialisation lives in `init_weights`, which every model calls once at the end of its
 constructor. Modules with `_owns_init = True` (the Mamba block, the FFT filter) initialise
 themselves in their constructors, as mamba_ssm does, and are skipped.
+
+Config dataclasses validate themselves in `__post_init__` with the `check_*` helpers at the end
+of this module, so every model reports a bad value with the same message. Configs whose fields
+are the same (in the same order) inherit them from `MambaStackConfig` or `TransformerConfig`
+and set only their `name` default.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from echomamba_dist.config import ConfigError
 
 # Rows of logits (rows x n_items) computed at once in the loss; beyond this the logits of each
 # chunk are recomputed in the backward pass instead of being kept (activation checkpointing).
@@ -85,6 +93,24 @@ class SequentialRecommender(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; see `param_groups`."""
         return param_groups(self, weight_decay)
+
+
+class NormedEmbeddingRecommender(SequentialRecommender):
+    """A recommender whose layers read LayerNorm(Dropout(item embedding)), as in Mamba4Rec.
+
+    Adds `embedding_dropout` (p = config.dropout) and `embedding_norm`, in that order, after
+    `item_embedding`; `embed` applies them. Subclasses call `init_weights` themselves.
+    """
+
+    def __init__(self, n_items: int, config: Any) -> None:
+        """`config` has `hidden_size` (H) and `dropout`; see `SequentialRecommender`."""
+        super().__init__(n_items, config, hidden_size=config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_norm = nn.LayerNorm(config.hidden_size)
+
+    def embed(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """(B, L) items -> (B, L, H) = LayerNorm(Dropout(item embedding))."""
+        return self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,3 +243,87 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation
+
+
+SCAN_BACKENDS = ("auto", "reference", "cpu", "cuda")
+
+
+def check_min(config: Any, *keys: str, minimum: int = 1) -> None:
+    """Raise ConfigError for the first of `keys` whose value is below `minimum`."""
+    for key in keys:
+        if getattr(config, key) < minimum:
+            raise ConfigError(f"{key}: must be >= {minimum}, got {getattr(config, key)}")
+
+
+def check_dropout(config: Any, *keys: str) -> None:
+    """Raise ConfigError for the first of `keys` (probabilities) outside [0, 1)."""
+    for key in keys:
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {getattr(config, key)}")
+
+
+def check_num_heads(config: Any) -> None:
+    """Raise ConfigError unless `num_heads` divides `hidden_size`."""
+    if config.hidden_size % config.num_heads:
+        raise ConfigError(
+            f"num_heads: {config.num_heads} does not divide hidden_size={config.hidden_size}"
+        )
+
+
+def check_scan_backend(config: Any) -> None:
+    """Raise ConfigError unless `scan_backend` is one of SCAN_BACKENDS."""
+    if config.scan_backend not in SCAN_BACKENDS:
+        raise ConfigError(
+            f"scan_backend: expected auto, reference, cpu or cuda, got {config.scan_backend!r}"
+        )
+
+
+@dataclass(kw_only=True)
+class MambaStackConfig:
+    """Fields of Mamba4Rec and Bi-Mamba4Rec: Mamba layers that each end in a position-wise FFN.
+
+    Subclasses set the `name` default (the registry key) and may add fields.
+    """
+
+    name: str
+    hidden_size: int = 64  # embedding and model dimension H
+    num_layers: int = 1  # Mamba layers (forward, or forward and backward)
+    d_state: int = 32  # SSM state size N
+    d_conv: int = 4  # causal depthwise convolution kernel K
+    expand: int = 2  # Mamba inner width E * H
+    dropout: float = 0.2  # dropout on embeddings and residual branches
+    ffn_inner_size: int = 256  # feed-forward inner width (4 * H)
+    scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
+
+    def __post_init__(self) -> None:
+        sizes = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size")
+        check_min(self, *sizes)
+        check_dropout(self, "dropout")
+        check_scan_backend(self)
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    """Fields of SASRec and BERT4Rec: Transformer blocks over item + learned position embeddings.
+
+    Subclasses set the `name` default (the registry key) and may add fields.
+    """
+
+    name: str
+    hidden_size: int = 64  # embedding and model dimension H
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 2  # attention heads; must divide hidden_size
+    inner_size: int = 256  # feed-forward inner width (4 * H)
+    dropout: float = 0.2  # dropout on embeddings and residual branches
+    attn_dropout: float = 0.2  # dropout on attention probabilities
+    max_len: int = 50  # positions with a learned embedding (the longest input)
+
+    def __post_init__(self) -> None:
+        check_min(self, "hidden_size", "num_layers", "num_heads", "inner_size")
+        check_num_heads(self)
+        check_dropout(self, "dropout", "attn_dropout")
+        check_min(self, "max_len", minimum=2)

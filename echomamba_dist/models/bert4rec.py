@@ -26,7 +26,7 @@ sequences (up to max_len + 1 items with data.max_len = max_len) fit the same tab
 The mask token's id in masked sequences is n_items + 1 (`mask_token`); its vector is the single
 row of `mask_embedding`, so `item_embedding` keeps the n_items + 1 rows every model has.
 Items after seq_len are never seen: attention masks them as keys, and every sublayer's input is
-zeroed on padding. The self-attention here is also Bi-Mambaformer4Rec's Transformer block.
+zeroed on padding. The Transformer block (`layers.TransformerBlock`) is also Bi-Mambaformer4Rec's.
 """
 
 from __future__ import annotations
@@ -40,102 +40,34 @@ from torch import nn
 from echomamba_dist.config import ConfigError
 from echomamba_dist.models.base import (
     SequentialRecommender,
+    TransformerConfig,
     gather_last,
     init_weights,
     item_cross_entropy,
     padding_mask,
 )
-from echomamba_dist.models.layers import PointWiseFeedForward
+from echomamba_dist.models.layers import TransformerBlock
 
 
 @dataclass(kw_only=True)
-class BERT4RecConfig:
-    """BERT4Rec: two layers of two heads (its paper), H = 64 and dropout 0.2 (the shared settings)."""
+class BERT4RecConfig(TransformerConfig):
+    """BERT4Rec: two layers of two heads (its paper), H = 64 and dropout 0.2 (the shared settings).
+
+    Fields (base.TransformerConfig, as SASRecConfig): hidden_size, num_layers, num_heads,
+    inner_size, dropout, attn_dropout, max_len; then the masking settings below.
+    """
 
     name: str = "bert4rec"
-    hidden_size: int = 64  # embedding and model dimension H
-    num_layers: int = 2  # transformer blocks
-    num_heads: int = 2  # attention heads; must divide hidden_size
-    inner_size: int = 256  # feed-forward inner width (4 * H)
-    dropout: float = 0.2  # dropout on embeddings and residual branches
-    attn_dropout: float = 0.2  # dropout on attention probabilities
     max_len: int = 50  # longest history; positions hold max_len + 1 (history + mask token)
     mask_prob: float = 0.2  # fraction of a training sequence's items that are masked
     mask_last_prob: float = 0.1  # probability that a training row masks only its last item
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "inner_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"num_heads: {self.num_heads} does not divide hidden_size={self.hidden_size}"
-            )
-        for key in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.max_len < 2:
-            raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
+        super().__post_init__()
         if not 0.0 < self.mask_prob <= 1.0:
             raise ConfigError(f"mask_prob: must be in (0, 1], got {self.mask_prob}")
         if not 0.0 <= self.mask_last_prob <= 1.0:
             raise ConfigError(f"mask_last_prob: must be in [0, 1], got {self.mask_last_prob}")
-
-
-class SelfAttention(nn.Module):
-    """LayerNorm(x + Dropout(out(softmax(QK^T / sqrt(d) + key mask) V))), both directions.
-
-    (B, L, H), key mask (B, L) bool (True = a real position) -> (B, L, H). Padding keys get
-    exactly zero weight, so a real position's output does not depend on the padding.
-    """
-
-    def __init__(
-        self, hidden_size: int, num_heads: int, *, dropout: float, attn_dropout: float
-    ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.attn_dropout = attn_dropout
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.out = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(hidden_size)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        batch, length, hidden = x.shape
-        q, k, v = (
-            proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, nh, L, dh)
-            for proj in (self.query, self.key, self.value)
-        )
-        attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=key_mask[:, None, None, :],  # (B, 1, 1, L): every query sees real keys
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # (B, nh, L, dh)
-        attended = attended.transpose(1, 2).reshape(batch, length, hidden)  # (B, L, H)
-        return self.norm(x + self.dropout(self.out(attended)))
-
-
-class TransformerBlock(nn.Module):
-    """Bidirectional self-attention, then the position-wise FFN; padding zeroed before each."""
-
-    def __init__(
-        self, hidden_size: int, num_heads: int, inner_size: int, *, dropout: float, attn_dropout: float
-    ) -> None:
-        super().__init__()
-        self.attention = SelfAttention(
-            hidden_size, num_heads, dropout=dropout, attn_dropout=attn_dropout
-        )
-        self.ffn = PointWiseFeedForward(hidden_size, inner_size, dropout=dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, H), (B, L) bool -> (B, L, H)."""
-        mask = key_mask[:, :, None].to(x.dtype)  # (B, L, 1)
-        x = self.attention(x * mask, key_mask)
-        return self.ffn(x * mask)
 
 
 class BERT4Rec(SequentialRecommender):

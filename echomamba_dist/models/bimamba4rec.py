@@ -17,40 +17,28 @@ The backward direction looks at later positions, so the model trains on prefix s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
-from echomamba_dist.models.base import SequentialRecommender, gather_last, init_weights, padding_mask
-from echomamba_dist.models.echomamba4rec import EchoMamba4RecConfig, EchoMambaLayer
+from echomamba_dist.models.base import (
+    MambaStackConfig,
+    NormedEmbeddingRecommender,
+    init_weights,
+    padding_mask,
+)
+from echomamba_dist.models.echomamba4rec import EchoMamba4RecConfig, EchoMambaLayer, read_out
 
 
 @dataclass(kw_only=True)
-class BiMamba4RecConfig:
-    """Bi-Mamba4Rec with the shared settings (H = 64, dropout 0.2) and Mamba4Rec's SSM sizes."""
+class BiMamba4RecConfig(MambaStackConfig):
+    """Bi-Mamba4Rec with the shared settings (H = 64, dropout 0.2) and Mamba4Rec's SSM sizes.
+
+    Fields (base.MambaStackConfig, as Mamba4RecConfig): hidden_size, num_layers (bidirectional
+    layers), d_state, d_conv, expand, dropout, ffn_inner_size, scan_backend.
+    """
 
     name: str = "bimamba4rec"
-    hidden_size: int = 64  # embedding and model dimension H
-    num_layers: int = 1  # bidirectional layers
-    d_state: int = 32  # SSM state size N
-    d_conv: int = 4  # causal depthwise convolution kernel K
-    expand: int = 2  # Mamba inner width E * H
-    dropout: float = 0.2  # dropout on embeddings and residual branches
-    ffn_inner_size: int = 256  # feed-forward inner width (4 * H)
-    scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
-
-    def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.scan_backend not in ("auto", "reference", "cpu", "cuda"):
-            raise ConfigError(
-                f"scan_backend: expected auto, reference, cpu or cuda, got {self.scan_backend!r}"
-            )
 
 
 def bidirectional_layer_config(config, *, ffn_inner_size: int | None) -> EchoMamba4RecConfig:
@@ -76,16 +64,14 @@ def bidirectional_layer_config(config, *, ffn_inner_size: int | None) -> EchoMam
     )
 
 
-class BiMamba4Rec(SequentialRecommender):
+class BiMamba4Rec(NormedEmbeddingRecommender):
     """Bi-Mamba4Rec; `forward(item_seq, seq_len) -> (B, H)`. Trains on prefix samples."""
 
     sample_mode = "prefix"
 
     def __init__(self, n_items: int, config: BiMamba4RecConfig | None = None) -> None:
         config = config or BiMamba4RecConfig()
-        super().__init__(n_items, config, hidden_size=config.hidden_size)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.embedding_norm = nn.LayerNorm(config.hidden_size)
+        super().__init__(n_items, config)  # item_embedding, embedding_dropout, embedding_norm
         layer_config = bidirectional_layer_config(config, ffn_inner_size=config.ffn_inner_size)
         self.layers = nn.ModuleList(EchoMambaLayer(layer_config) for _ in range(config.num_layers))
         init_weights(self)
@@ -93,10 +79,5 @@ class BiMamba4Rec(SequentialRecommender):
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """(B, L) right-padded items, (B,) lengths -> (B, H)."""
         mask = padding_mask(seq_len, item_seq.shape[1])[:, :, None]  # (B, L, 1)
-        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))  # (B, L, H)
-        for layer in self.layers[:-1]:
-            x = layer.merge(*layer.directions(x, seq_len, mask))  # (B, L, H)
-        last = self.layers[-1]
-        # merge (sum, FFN) is position-wise: gather the last position first, then merge
-        fwd, bwd = last.directions(x, seq_len, mask)  # (B, L, H) each
-        return last.merge(gather_last(fwd, seq_len), gather_last(bwd, seq_len))  # (B, H)
+        x = self.embed(item_seq)  # (B, L, H)
+        return read_out(self.layers, x, seq_len, mask, readout="last")  # (B, H)

@@ -11,8 +11,8 @@
 
 As in Mambaformer, the Mamba layer carries the order of the sequence, so there is no position
 embedding. The bidirectional Mamba is `EchoMambaLayer` without filter, GLU and FFN (the FFN
-comes in the Transformer block); the Transformer block is BERT4Rec's. Both look at later
-positions, so the model trains on prefix samples.
+comes in the Transformer block); the Transformer block is BERT4Rec's, `layers.TransformerBlock`.
+Both look at later positions, so the model trains on prefix samples.
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ from typing import Literal
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
-from echomamba_dist.models.base import SequentialRecommender, gather_last, init_weights, padding_mask
-from echomamba_dist.models.bert4rec import TransformerBlock
+from echomamba_dist.models.base import (
+    NormedEmbeddingRecommender,
+    check_dropout,
+    check_min,
+    check_num_heads,
+    check_scan_backend,
+    gather_last,
+    init_weights,
+    padding_mask,
+)
 from echomamba_dist.models.bimamba4rec import bidirectional_layer_config
 from echomamba_dist.models.echomamba4rec import EchoMambaLayer
+from echomamba_dist.models.layers import TransformerBlock
 
 
 @dataclass(kw_only=True)
@@ -48,40 +56,27 @@ class BiMambaformer4RecConfig:
 
     def __post_init__(self) -> None:
         sizes = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "num_heads", "inner_size")
-        for key in sizes:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"num_heads: {self.num_heads} does not divide hidden_size={self.hidden_size}"
-            )
-        for key in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.scan_backend not in ("auto", "reference", "cpu", "cuda"):
-            raise ConfigError(
-                f"scan_backend: expected auto, reference, cpu or cuda, got {self.scan_backend!r}"
-            )
+        check_min(self, *sizes)
+        check_num_heads(self)
+        check_dropout(self, "dropout", "attn_dropout")
+        check_scan_backend(self)
 
 
-class BiMambaformer4Rec(SequentialRecommender):
+class BiMambaformer4Rec(NormedEmbeddingRecommender):
     """Bi-Mambaformer4Rec; `forward(item_seq, seq_len) -> (B, H)`. Trains on prefix samples."""
 
     sample_mode = "prefix"
 
     def __init__(self, n_items: int, config: BiMambaformer4RecConfig | None = None) -> None:
         config = config or BiMambaformer4RecConfig()
-        super().__init__(n_items, config, hidden_size=config.hidden_size)
-        hidden = config.hidden_size
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.embedding_norm = nn.LayerNorm(hidden)
+        super().__init__(n_items, config)  # item_embedding, embedding_dropout, embedding_norm
         mamba_config = bidirectional_layer_config(config, ffn_inner_size=None)
         self.mamba_layers = nn.ModuleList(
             EchoMambaLayer(mamba_config) for _ in range(config.num_layers)
         )
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
-                hidden,
+                config.hidden_size,
                 config.num_heads,
                 config.inner_size,
                 dropout=config.dropout,
@@ -95,9 +90,9 @@ class BiMambaformer4Rec(SequentialRecommender):
         """(B, L) right-padded items, (B,) lengths -> (B, H)."""
         key_mask = padding_mask(seq_len, item_seq.shape[1])  # (B, L)
         mask = key_mask[:, :, None]  # (B, L, 1)
-        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))  # (B, L, H)
+        x = self.embed(item_seq)  # (B, L, H)
         for mamba, block in zip(self.mamba_layers, self.transformer_blocks):
-            x = mamba.merge(*mamba.directions(x, seq_len, mask))  # (B, L, H)
+            x = mamba(x, seq_len, mask)  # (B, L, H)
             x = block(x, key_mask)  # (B, L, H); zeroes the padding before each sublayer
         return gather_last(x, seq_len)  # (B, H)
 

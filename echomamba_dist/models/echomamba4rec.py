@@ -36,14 +36,17 @@ from torch import nn
 
 from echomamba_dist.config import ConfigError
 from echomamba_dist.models.base import (
-    SequentialRecommender,
+    NormedEmbeddingRecommender,
+    check_dropout,
+    check_min,
+    check_scan_backend,
     gather_last,
     init_weights,
     padding_mask,
     reverse_by_length,
 )
 from echomamba_dist.models.layers import FrequencyFilter, GatedLinearUnit, PointWiseFeedForward
-from echomamba_dist.models.mamba import Mamba
+from echomamba_dist.models.mamba import mamba_from_config
 
 
 @dataclass(kw_only=True)
@@ -70,13 +73,10 @@ class EchoMamba4RecConfig:
     scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.max_len < 2:
-            raise ConfigError(f"max_len: must be >= 2, got {self.max_len}")
+        sizes = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size")
+        check_min(self, *sizes)
+        check_dropout(self, "dropout")
+        check_min(self, "max_len", minimum=2)
         if self.filter_init_scale <= 0:
             raise ConfigError(f"filter_init_scale: must be > 0, got {self.filter_init_scale}")
         if self.filter_lowpass is not None and not 0.0 < self.filter_lowpass <= 1.0:
@@ -87,10 +87,7 @@ class EchoMamba4RecConfig:
             raise ConfigError(f"combine: expected sum or concat, got {self.combine!r}")
         if self.readout not in ("last", "ends"):
             raise ConfigError(f"readout: expected last or ends, got {self.readout!r}")
-        if self.scan_backend not in ("auto", "reference", "cpu", "cuda"):
-            raise ConfigError(
-                f"scan_backend: expected auto, reference, cpu or cuda, got {self.scan_backend!r}"
-            )
+        check_scan_backend(self)
         if not self.bidirectional and (self.combine != "sum" or self.readout != "last"):
             raise ConfigError(
                 "bidirectional: combine=concat and readout=ends need the backward direction "
@@ -115,16 +112,9 @@ class EchoMambaLayer(nn.Module):
             if config.filter
             else None
         )
-        mamba_kwargs = dict(
-            d_model=hidden,
-            d_state=config.d_state,
-            d_conv=config.d_conv,
-            expand=config.expand,
-            scan_backend=config.scan_backend,
-        )
-        self.forward_mamba = Mamba(**mamba_kwargs)
+        self.forward_mamba = mamba_from_config(config)
         self.forward_norm = nn.LayerNorm(hidden)
-        self.backward_mamba = Mamba(**mamba_kwargs) if config.bidirectional else None
+        self.backward_mamba = mamba_from_config(config) if config.bidirectional else None
         self.backward_norm = nn.LayerNorm(hidden) if config.bidirectional else None
         self.dropout = nn.Dropout(config.dropout)
         self.concat = nn.Linear(2 * hidden, hidden) if config.combine == "concat" else None
@@ -134,6 +124,10 @@ class EchoMambaLayer(nn.Module):
             if config.ffn
             else None
         )
+
+    def forward(self, x: torch.Tensor, seq_len: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H), (B,) lengths, mask (B, L, 1) -> (B, L, H): `merge` of `directions`."""
+        return self.merge(*self.directions(x, seq_len, mask))
 
     def directions(
         self, x: torch.Tensor, seq_len: torch.Tensor, mask: torch.Tensor
@@ -165,29 +159,43 @@ class EchoMambaLayer(nn.Module):
         return hidden
 
 
-class EchoMamba4Rec(SequentialRecommender):
+def read_out(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    seq_len: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    readout: Literal["last", "ends"],
+) -> torch.Tensor:
+    """Run EchoMambaLayers over (B, L, H) embeddings and read the last layer out -> (B, H).
+
+    `mask` (B, L, 1) marks the real positions. The last layer's `merge` is position-wise, so its
+    two directions are gathered first (`readout`, module docstring) and merged as (B, H).
+    """
+    for layer in layers[:-1]:
+        x = layer(x, seq_len, mask)  # (B, L, H)
+
+    last = layers[-1]
+    fwd, bwd = last.directions(x, seq_len, mask)  # (B, L, H) each
+    fwd = gather_last(fwd, seq_len)  # (B, H)
+    if bwd is not None:
+        bwd = bwd[:, 0] if readout == "ends" else gather_last(bwd, seq_len)
+    return last.merge(fwd, bwd)  # (B, H)
+
+
+class EchoMamba4Rec(NormedEmbeddingRecommender):
     """EchoMamba4Rec; `forward(item_seq, seq_len) -> (B, H)`. Trains on prefix samples."""
 
     sample_mode = "prefix"
 
     def __init__(self, n_items: int, config: EchoMamba4RecConfig | None = None) -> None:
         config = config or EchoMamba4RecConfig()
-        super().__init__(n_items, config, hidden_size=config.hidden_size)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.embedding_norm = nn.LayerNorm(config.hidden_size)
+        super().__init__(n_items, config)  # item_embedding, embedding_dropout, embedding_norm
         self.layers = nn.ModuleList(EchoMambaLayer(config) for _ in range(config.num_layers))
         init_weights(self)
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """(B, L) right-padded items, (B,) lengths -> (B, H)."""
         mask = padding_mask(seq_len, item_seq.shape[1])[:, :, None]  # (B, L, 1)
-        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))  # (B, L, H)
-        for layer in self.layers[:-1]:
-            x = layer.merge(*layer.directions(x, seq_len, mask))  # (B, L, H)
-
-        last = self.layers[-1]
-        fwd, bwd = last.directions(x, seq_len, mask)  # (B, L, H) each
-        fwd = gather_last(fwd, seq_len)  # (B, H)
-        if bwd is not None:
-            bwd = bwd[:, 0] if self.config.readout == "ends" else gather_last(bwd, seq_len)
-        return last.merge(fwd, bwd)  # (B, H)
+        x = self.embed(item_seq)  # (B, L, H)
+        return read_out(self.layers, x, seq_len, mask, readout=self.config.readout)  # (B, H)

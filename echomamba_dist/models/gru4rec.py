@@ -13,8 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
-from echomamba_dist.models.base import SequentialRecommender, init_weights, padding_mask
+from echomamba_dist.models.base import (
+    SequentialRecommender,
+    check_dropout,
+    check_min,
+    init_weights,
+    padding_mask,
+)
 
 
 @dataclass(kw_only=True)
@@ -28,11 +33,8 @@ class GRU4RecConfig:
     dropout: float = 0.2  # dropout on the item embeddings
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "gru_size", "num_layers"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        check_min(self, "hidden_size", "gru_size", "num_layers")
+        check_dropout(self, "dropout")
 
 
 class GRU4Rec(SequentialRecommender):

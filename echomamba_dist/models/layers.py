@@ -1,4 +1,5 @@
-"""Position-wise and sequence sublayers shared by the models: FFT filter, GLU, feed-forward."""
+"""Position-wise and sequence sublayers shared by the models: FFT filter, GLU, feed-forward,
+multi-head self-attention and the Transformer block (attention + feed-forward)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,77 @@ class PointWiseFeedForward(nn.Module):
         """(..., H) -> (..., H)."""
         hidden = self.dropout(F.gelu(self.w_1(x)))  # (..., inner)
         return self.norm(x + self.dropout(self.w_2(hidden)))
+
+
+class SelfAttention(nn.Module):
+    """LayerNorm(x + Dropout(out(softmax(QK^T / sqrt(d) + mask) V))); (B, L, H) -> (B, L, H).
+
+    `causal=True` (SASRec): position t attends to positions <= t; with right padding a real
+    position never sees padding, and `key_mask` is not used. `causal=False` (BERT4Rec, the
+    Transformer block): both directions over the keys that `key_mask` (B, L) bool marks real;
+    padding keys get exactly zero weight, so a real position's output does not depend on the
+    padding.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        dropout: float,
+        attn_dropout: float,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_dropout = attn_dropout
+        self.causal = causal
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, H), key mask (B, L) bool (True = real; None when causal) -> (B, L, H)."""
+        if self.causal != (key_mask is None):
+            raise ValueError("SelfAttention: pass key_mask exactly when causal=False")
+        batch, length, hidden = x.shape
+        q, k, v = (
+            proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, nh, L, dh)
+            for proj in (self.query, self.key, self.value)
+        )
+        attended = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            # (B, 1, 1, L): every query sees the real keys
+            attn_mask=None if key_mask is None else key_mask[:, None, None, :],
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )  # (B, nh, L, dh)
+        attended = attended.transpose(1, 2).reshape(batch, length, hidden)  # (B, L, H)
+        return self.norm(x + self.dropout(self.out(attended)))
+
+
+class TransformerBlock(nn.Module):
+    """Bidirectional self-attention, then the position-wise FFN; padding zeroed before each.
+
+    BERT4Rec's block, also Bi-Mambaformer4Rec's. (B, L, H), key mask (B, L) bool -> (B, L, H).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, inner_size: int, *, dropout: float, attn_dropout: float
+    ) -> None:
+        super().__init__()
+        self.attention = SelfAttention(
+            hidden_size, num_heads, dropout=dropout, attn_dropout=attn_dropout
+        )
+        self.ffn = PointWiseFeedForward(hidden_size, inner_size, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H), (B, L) bool -> (B, L, H)."""
+        mask = key_mask[:, :, None].to(x.dtype)  # (B, L, 1)
+        x = self.attention(x * mask, key_mask)
+        return self.ffn(x * mask)

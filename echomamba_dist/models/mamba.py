@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +186,15 @@ def set_scan_backend(module: nn.Module, backend: Backend) -> None:
     for m in module.modules():
         if isinstance(m, Mamba):
             m.scan_backend = backend
+
+
+def mamba_from_config(config: Any) -> Mamba:
+    """A Mamba block of width `config.hidden_size` with the config's d_state, d_conv, expand and
+    scan_backend (the other arguments at mamba_ssm's defaults)."""
+    return Mamba(
+        d_model=config.hidden_size,
+        d_state=config.d_state,
+        d_conv=config.d_conv,
+        expand=config.expand,
+        scan_backend=config.scan_backend,
+    )

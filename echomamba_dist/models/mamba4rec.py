@@ -14,41 +14,29 @@ Causal, so all-positions training is exact for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
-from echomamba_dist.models.base import SequentialRecommender, init_weights, padding_mask
+from echomamba_dist.models.base import (
+    MambaStackConfig,
+    NormedEmbeddingRecommender,
+    init_weights,
+    padding_mask,
+)
 from echomamba_dist.models.layers import PointWiseFeedForward
-from echomamba_dist.models.mamba import Mamba
+from echomamba_dist.models.mamba import mamba_from_config
 
 
 @dataclass(kw_only=True)
-class Mamba4RecConfig:
-    """Mamba4Rec with its paper's settings (H = 64, N = 32, K = 4, E = 2, one layer)."""
+class Mamba4RecConfig(MambaStackConfig):
+    """Mamba4Rec with its paper's settings (H = 64, N = 32, K = 4, E = 2, one layer).
+
+    Fields (base.MambaStackConfig): hidden_size, num_layers (Mamba layers), d_state, d_conv,
+    expand, dropout, ffn_inner_size, scan_backend.
+    """
 
     name: str = "mamba4rec"
-    hidden_size: int = 64  # embedding and model dimension H
-    num_layers: int = 1  # Mamba layers
-    d_state: int = 32  # SSM state size N
-    d_conv: int = 4  # causal depthwise convolution kernel K
-    expand: int = 2  # Mamba inner width E * H
-    dropout: float = 0.2  # dropout on embeddings and residual branches
-    ffn_inner_size: int = 256  # feed-forward inner width (4 * H)
-    scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
-
-    def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.scan_backend not in ("auto", "reference", "cpu", "cuda"):
-            raise ConfigError(
-                f"scan_backend: expected auto, reference, cpu or cuda, got {self.scan_backend!r}"
-            )
 
 
 class MambaLayer(nn.Module):
@@ -56,13 +44,7 @@ class MambaLayer(nn.Module):
 
     def __init__(self, config: Mamba4RecConfig) -> None:
         super().__init__()
-        self.mamba = Mamba(
-            d_model=config.hidden_size,
-            d_state=config.d_state,
-            d_conv=config.d_conv,
-            expand=config.expand,
-            scan_backend=config.scan_backend,
-        )
+        self.mamba = mamba_from_config(config)
         self.residual = config.num_layers > 1
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size)
@@ -78,23 +60,21 @@ class MambaLayer(nn.Module):
         return self.ffn(hidden * mask)
 
 
-class Mamba4Rec(SequentialRecommender):
+class Mamba4Rec(NormedEmbeddingRecommender):
     """Mamba4Rec; `forward_all -> (B, L, H)`, `forward -> (B, H)`. Trains on all positions."""
 
     sample_mode = "all_positions"
 
     def __init__(self, n_items: int, config: Mamba4RecConfig | None = None) -> None:
         config = config or Mamba4RecConfig()
-        super().__init__(n_items, config, hidden_size=config.hidden_size)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.embedding_norm = nn.LayerNorm(config.hidden_size)
+        super().__init__(n_items, config)  # item_embedding, embedding_dropout, embedding_norm
         self.layers = nn.ModuleList(MambaLayer(config) for _ in range(config.num_layers))
         init_weights(self)
 
     def forward_all(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """(B, L) right-padded items, (B,) lengths -> (B, L, H)."""
         mask = padding_mask(seq_len, item_seq.shape[1])[:, :, None]  # (B, L, 1)
-        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))  # (B, L, H)
+        x = self.embed(item_seq)  # (B, L, H)
         for layer in self.layers:
             x = layer(x, mask)  # (B, L, H)
         return x

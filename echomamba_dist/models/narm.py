@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
 from echomamba_dist.models.base import (
     SequentialRecommender,
+    check_dropout,
+    check_min,
     gather_last,
     init_weights,
     padding_mask,
@@ -42,12 +43,8 @@ class NARMConfig:
     session_dropout: float = 0.2  # dropout on [c_g; c_l] before the bilinear decoder
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "gru_size", "num_layers"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("dropout", "session_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+        check_min(self, "hidden_size", "gru_size", "num_layers")
+        check_dropout(self, "dropout", "session_dropout")
 
 
 class NARM(SequentialRecommender):

@@ -35,6 +35,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def head_processes(markers: list[str]) -> set[int]:
+    """Pids of the processes whose command line names one of `markers`, and their descendants.
+
+    Our head's daemons (GCS, raylet, dashboard, monitors) name its temp dir or its GCS port; its
+    workers (`ray::...`) are the raylet's children. Other Ray instances on the machine match neither.
+    """
+    procs: dict[int, tuple[int, str]] = {}  # pid -> (parent pid, command line), from /proc (never truncated)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        procs[int(entry.name)] = (ppid, args)
+    ours = {pid for pid, (_, args) in procs.items() if any(m in args for m in markers)}
+    while True:
+        children = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
+        if not children:
+            break
+        ours |= children
+    return ours - {os.getpid()}
+
+
+def stop_head(markers: list[str], grace: float = 20.0) -> set[int]:
+    """SIGTERM our head's processes, SIGKILL what is left after `grace` s; returns the pids seen.
+
+    Unlike `ray stop --force`, this leaves any other Ray on the machine running.
+    """
+    seen: set[int] = set()
+    deadline = time.time() + grace
+    sig = signal.SIGTERM
+    while True:
+        pids = head_processes(markers)
+        if not pids:
+            return seen
+        seen |= pids
+        if time.time() > deadline:
+            sig = signal.SIGKILL
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+
+
+HEAD_PIDS: set[int] = set()  # every process of the e2e head, checked by test_nothing_left_running
+
+
 def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -91,8 +142,7 @@ def ray_head(tmp_path):
         wait_http(f"{address}/api/version", 120, headers={"Authorization": f"Bearer {TOKEN}"})
         yield address, f"127.0.0.1:{port}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                       capture_output=True, timeout=120)
+        HEAD_PIDS.update(stop_head([str(temp_dir), f":{port} "]))
 
 
 def submit(address: str, args: list[str], *, env_vars: dict[str, str], timeout: int = 900) -> str:
@@ -156,19 +206,37 @@ def test_submit_train_and_recommend_jobs_tracked_on_mlflow_server(tmp_path, mlfl
     out = model.predict(pd.DataFrame({"history": [history]}), params={"k": 5})
     assert len(out["items"][0]) == 5 and not set(out["items"][0]) & set(history)
 
-    # batch recommendation for every user on Ray Data, as a submitted job
+    # the evaluation job, from its config: the best checkpoint scores the test split as training did
+    report = tmp_path / "evaluate.json"
+    submit(address, ["python", "jobs/evaluate.py", "--config", "jobs/configs/evaluate-smoke.yaml",
+                     "--set", f"checkpoint={storage / 'smoke'}", "--set", f"output={report}"], env_vars={})
+    evaluated = json.loads(report.read_text())
+    assert evaluated["split"] == "test" and evaluated["count"] == len(ds.user_ids)
+    assert evaluated["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-6)
+
+    # batch recommendation for every user on Ray Data, from its config, as a submitted job
     recs = tmp_path / "recs"
-    log = submit(address, ["python", "jobs/recommend.py", "--checkpoint", str(storage / "smoke"), "--ray",
-                           "--actors", "2", "--output", str(recs), "-k", "5"], env_vars={})
+    submit(address, ["python", "jobs/recommend.py", "--config", "jobs/configs/recommend-smoke.yaml",
+                     "--set", f"checkpoint={storage / 'smoke'}", "--set", f"output={recs}"], env_vars={})
     import pyarrow.parquet as pq
 
     table = pq.read_table(recs)
-    assert table.num_rows == 5 * len(ds.user_ids)
+    assert table.num_rows == 5 * len(ds.user_ids)  # top_k: 5 in the config
     assert set(table.column("rank").to_pylist()) == {1, 2, 3, 4, 5}
+    assert set(table.column("user_id").to_pylist()) == {str(u) for u in ds.user_ids}
 
 
 def test_nothing_left_running():
     """Runs after the test above (file order): no Ray or MLflow server process of ours survives."""
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    ours = [line for line in out.splitlines() if "ray-e2e-" in line or "mlflow-server.db" in line]
-    assert not ours, ours
+    assert len(HEAD_PIDS) >= 5, HEAD_PIDS  # GCS, raylet, dashboard, monitors, workers were seen and stopped
+    alive = []
+    for pid in HEAD_PIDS:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] if Path(f"/proc/{pid}/stat").exists() else "?"
+        if state != "Z":  # a zombie has exited; only its parent's wait is missing
+            alive.append(pid)
+    assert not alive, alive
+    assert not head_processes([f"ray-e2e-{os.getpid()}", "mlflow-server.db"])

@@ -18,6 +18,7 @@ from echomamba_dist.models.bert4rec import BERT4Rec, BERT4RecConfig, append_at
 from echomamba_dist.models.bimamba4rec import BiMamba4Rec, BiMamba4RecConfig
 from echomamba_dist.models.bimambaformer4rec import BiMambaformer4Rec, BiMambaformer4RecConfig
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
+from echomamba_dist.models.layers import SelfAttention
 from echomamba_dist.models.narm import NARM, NARMConfig
 from echomamba_dist.models.registry import MODELS, build_model, count_parameters
 
@@ -201,6 +202,24 @@ def test_self_attention_is_bidirectional_and_ignores_padding_keys():
         out = block(x, key_mask)
         assert not torch.allclose(out[0, 0], block(later, key_mask)[0, 0])  # sees position 3
         torch.testing.assert_close(out[0, :4], block(padding, key_mask)[0, :4], rtol=0, atol=1e-12)
+
+
+def test_sasrec_attention_is_the_shared_self_attention_made_causal():
+    sasrec, bert = _build("sasrec"), _build("bert4rec")
+    attention = sasrec.attention[0].double().eval()
+    assert type(attention) is type(bert.blocks[0].attention) is SelfAttention
+    assert attention.causal and not bert.blocks[0].attention.causal
+    x = torch.randn(1, 6, 64, dtype=torch.float64)
+    later = x.clone()
+    later[0, 3:] += 1.0
+    with torch.no_grad():
+        out = attention(x)
+        torch.testing.assert_close(out[0, :3], attention(later)[0, :3], rtol=0, atol=0)
+        assert not torch.allclose(out[0, 3], attention(later)[0, 3])
+    with pytest.raises(ValueError, match="key_mask"):
+        attention(x, torch.ones(1, 6, dtype=torch.bool))  # causal takes no key mask
+    with pytest.raises(ValueError, match="key_mask"):
+        bert.blocks[0].attention(x.float())  # bidirectional needs one
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from echomamba_dist.config import ConfigError, model_config_from_dict
+from echomamba_dist.config import ConfigError, model_config_from_dict, to_dict
 from echomamba_dist.models.base import SequentialRecommender, reverse_by_length
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
 from echomamba_dist.models.registry import (
@@ -250,6 +250,32 @@ def test_model_configs_parse_from_dicts():
         model_config_from_dict({"name": "sasrec", "hiden_size": 3})
     with pytest.raises(ConfigError, match="echomamba4rec"):
         model_config_from_dict({"name": "nope"})
+
+
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("mamba4rec", ["d_state", "d_conv", "expand", "dropout", "ffn_inner_size", "scan_backend"]),
+        ("bimamba4rec", ["d_state", "d_conv", "expand", "dropout", "ffn_inner_size", "scan_backend"]),
+        ("sasrec", ["num_heads", "inner_size", "dropout", "attn_dropout", "max_len"]),
+        (
+            "bert4rec",
+            ["num_heads", "inner_size", "dropout", "attn_dropout", "max_len", "mask_prob",
+             "mask_last_prob"],
+        ),
+    ],
+)
+def test_configs_with_shared_fields_keep_their_keys_order_and_name(name, keys):
+    """Configs that inherit their fields (base.MambaStackConfig, base.TransformerConfig) list
+    them in the original order, `name` first, and report bad values under their own prefix."""
+    cls = model_config_class(name)
+    assert [f.name for f in dataclasses.fields(cls)] == ["name", "hidden_size", "num_layers", *keys]
+    assert cls().name == name
+    assert list(to_dict(cls())) == ["name", "hidden_size", "num_layers", *keys]
+    with pytest.raises(ConfigError, match=r"^model\.num_layers: must be >= 1, got 0$"):
+        model_config_from_dict({"name": name, "num_layers": 0})
+    with pytest.raises(ConfigError, match=r"^model\.dropout: must be in \[0, 1\), got 1\.0$"):
+        model_config_from_dict({"name": name, "dropout": 1.0})
 
 
 def test_registry_build_and_list():

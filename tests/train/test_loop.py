@@ -178,6 +178,22 @@ def test_cli_train_evaluate_recommend(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and item not in [ln.split()[1] for ln in lines]  # history excluded
 
+    # the job configs: jobs/configs/evaluate-smoke.yaml writes a JSON report; flags and --set win
+    repo = Path(__file__).resolve().parents[2]
+    assert main(["evaluate", "--config", str(repo / "jobs/configs/evaluate-smoke.yaml"), "--checkpoint", "runs/t",
+                 "--set", "split=valid", "--output", "reports/valid.json"]) == 0  # fmt: skip
+    capsys.readouterr()
+    report = json.loads((tmp_path / "reports" / "valid.json").read_text())
+    assert report["split"] == "valid" and report["ndcg@10"] == pytest.approx(result["valid"]["ndcg@10"], abs=1e-6)
+    assert not list((tmp_path / "reports").glob(".*.tmp"))  # written atomically
+    two = table["user_id"][0], table["user_id"][5]
+    assert main(["recommend", "--config", str(repo / "jobs/configs/recommend-smoke.yaml"), "--checkpoint", "runs/t",
+                 "--set", "ray=false", "--output", "two.parquet", "--users", ",".join(two)]) == 0  # fmt: skip
+    assert "for 2 users" in capsys.readouterr().out
+    some = pq.read_table(tmp_path / "two.parquet").to_pydict()
+    assert some["user_id"] == [two[0]] * 5 + [two[1]] * 5  # top_k: 5 from the config
+    assert some["item_id"][:5] == table["item_id"][:5]
+
 
 def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -186,6 +202,11 @@ def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--checkpoint", "nowhere"]) == 2
     assert "nowhere: no such checkpoint" in capsys.readouterr().err
     assert main(["train", "--config", "missing.yaml"]) == 2
+    assert main(["recommend", "--checkpoint", "runs/x"]) == 2
+    assert "output / history: give exactly one" in capsys.readouterr().err
+    (tmp_path / "e.yaml").write_text("checkpoint: runs/x\nsplitt: test\n")
+    assert main(["evaluate", "--config", "e.yaml"]) == 2
+    assert "e.yaml: unknown config key splitt" in capsys.readouterr().err
 
 
 def test_cli_models_lists_every_model(capsys):
