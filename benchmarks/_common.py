@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: hardware and load, peak memory, atomic JSON, workers,
-and the timed training step that every script measures the same way.
+"""Helpers shared by the benchmark scripts: hardware and load, the report's common fields, peak
+memory, atomic JSON, workers, the dataset behind `--data`, and the timed training step that every
+script measures the same way.
 
 Import it from a script in this directory as `from _common import ...` after putting the
 directory on `sys.path` (scripts run as `python benchmarks/x.py` have it there already; tests
@@ -16,6 +17,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +30,16 @@ PAPER_TABLE3 = {  # Table 3 of the paper: RTX 4090, Video-Games; seconds, GB, se
     "bert4rec": {"train_s_per_epoch": 215.8, "memory_gb": 6.68, "inference_s": 0.3218},
     "mamba4rec": {"train_s_per_epoch": 98.8, "memory_gb": 1.41, "inference_s": 0.0305},
 }
+# The tiny synthetic dataset of the smoke runs (`--smoke`, `--cpu-smoke`).
+SMOKE_SYNTHETIC = {"n_users": 120, "n_items": 60, "n_topics": 4, "mean_length": 8.0, "min_length": 5}
 
 
 # --- the machine ---------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what `platform` knows)."""
+def cpu_model(fallback: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo; where it names none, `fallback` (by default what
+    `platform` knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -42,7 +47,12 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fallback if fallback is not None else platform.processor() or platform.machine()
+
+
+def memory_gib() -> float:
+    """The machine's physical memory in GiB, to one decimal."""
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
 
 
 def load_average() -> list[float]:
@@ -58,7 +68,7 @@ def hardware(device: str = "cpu") -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "memory_gib": memory_gib(),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -103,20 +113,50 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write `payload` as indented JSON to `path` through a temporary file and a rename."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename: a reader sees the old
+    file or the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp creates it 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write `payload` as indented JSON (and a newline) to `path`, atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+# --- the report every script writes --------------------------------------------------------------
+
+
+def report_header(benchmark: str, script: str | Path, argv: list[str] | None, device: str) -> dict[str, Any]:
+    """The fields a report starts with: `benchmark` (what it measures), the command (`argv` as
+    given to `main`, or the process's own arguments when None), the date, the commit and the
+    hardware (`device`: "cpu" or "cuda"). A script adds its own fields after these."""
+    return {
+        "benchmark": benchmark,
+        "command": command_line(script, sys.argv[1:] if argv is None else list(argv)),
+        "date": utc_now(),
+        "git": git_commit(),
+        "hardware": hardware(device),
+    }
+
+
+def save_report(report: dict[str, Any], path: Path, started: float) -> None:
+    """Stamp `report` with the load average now and the wall time since `started`
+    (`time.perf_counter()`), then write it to `path` atomically; called after every measurement,
+    so that an interrupted run keeps what it measured."""
+    report["load_average_end"] = load_average()
+    report["wall_seconds"] = time.perf_counter() - started
+    write_json_atomic(path, report)
 
 
 # --- peak memory ---------------------------------------------------------------------------------
@@ -192,6 +232,16 @@ def repo_env(**extra: str) -> dict[str, str]:
     """os.environ with the repository first on PYTHONPATH (plus `extra`)."""
     paths = [str(REPO), os.environ.get("PYTHONPATH")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **extra)
+
+
+def serve_worker(args: Any, worker) -> bool:
+    """The worker side of `run_worker`: when `args.worker` is set (the script was started as a
+    worker), print `worker(args)` as the JSON line that `run_worker` reads and return True;
+    otherwise do nothing and return False (the script is the driver)."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(args)))
+    return True
 
 
 def run_worker(cmd: list[str], *, timeout: float | None = None) -> dict[str, Any]:
@@ -367,14 +417,52 @@ def inference_batch(eval_set, n_users: int, *, device, seed: int = 0):
     return torch.from_numpy(item_seq).to(device), torch.from_numpy(seq_len).to(device)
 
 
-def import_script(name: str):
-    """Load another benchmark script (`benchmarks/<name>.py`) as a module, e.g. to reuse a helper."""
-    import importlib.util
+# --- the dataset behind `--data` -----------------------------------------------------------------
 
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def resolve_data(
+    spec: str, *, smoke: bool, cache_root: Path = REPO / "prepared"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--data` -> (the config's `data` section without max_len, a description of the dataset).
+
+    `spec` is a prepared directory, a raw log or "synthetic" (`smoke`: the tiny SMOKE_SYNTHETIC,
+    whatever `spec` says). A raw file is prepared (in this process, default options: dedup,
+    5-core) into `cache_root/<stem>`, and reused while its recorded source sha256 matches the file.
+    """
+    if smoke or spec == "synthetic":
+        from echomamba_dist.config import DataConfig, from_dict
+        from echomamba_dist.data.dataset import load_dataset
+
+        data = {"synthetic": dict(SMOKE_SYNTHETIC)} if smoke else {}
+        meta = load_dataset(from_dict(DataConfig, data)).meta
+        return data, _describe("synthetic-smoke" if smoke else "synthetic", None, meta)
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        return {"path": str(path)}, _describe(path.name, path, meta)
+    if not path.is_file():
+        raise SystemExit(f"--data {spec}: not a prepared directory, a file, or 'synthetic'")
+    from echomamba_dist.data.prepare import file_sha256, prepare
+
+    sha = file_sha256(path)
+    out = cache_root / path.stem
+    meta_file = out / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text())["source"].get("sha256") == sha:
+        meta = json.loads(meta_file.read_text())
+    else:
+        print(f"preparing {path} into {out}", flush=True)
+        meta = prepare(path, out, use_ray=False, overwrite=True)
+    return {"path": str(out)}, _describe(path.stem, out, meta)
+
+
+def _describe(name: str, prepared: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """The report's `dataset` entry: name, prepared directory, source and the dataset's counts."""
+    return {
+        "name": name,
+        "prepared": str(prepared) if prepared else None,
+        "source": meta.get("source", {}),
+        **{k: meta.get(k) for k in ("n_users", "n_items", "n_interactions", "avg_length", "options")},
+    }
 
 
 # --- one model on one dataset, as the training loop sets it up ------------------------------------

@@ -38,16 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
     build_run,
-    command_line,
     experiment,
-    git_commit,
-    hardware,
-    import_script,
     load_average,
     padding_stats,
+    report_header,
+    resolve_data,
     run_worker,
+    save_report,
+    serve_worker,
     time_epoch,
-    utc_now,
     warm_up,
     write_json_atomic,
 )
@@ -108,19 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args)))
+    if serve_worker(args, _worker):
         return 0
 
-    table2 = import_script("table2")  # its dataset resolution: prepared dir, raw file, synthetic
-    data_section, dataset = table2.resolve_data(args.data, smoke=args.smoke, cache_root=REPO / "prepared")
+    data_section, dataset = resolve_data(args.data, smoke=args.smoke)
     started = time.perf_counter()
     report = {
-        "benchmark": "length bucketing on vs off: training time per epoch and padding",
-        "command": command_line(__file__, sys.argv[1:] if argv is None else list(argv)),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware(args.device),
+        **report_header("length bucketing on vs off: training time per epoch and padding", __file__, argv, args.device),
         "dataset": dataset,
         "settings": {"batch_size": args.batch_size, "max_len": args.max_len, "seed": 42, "bucket_window": 16,
                      "steps_timed": "whole epoch" if args.steps >= 1 << 30 else args.steps},  # fmt: skip
@@ -141,9 +134,7 @@ def main(argv=None) -> int:
             ]  # fmt: skip
             result = run_worker(cmd, timeout=args.timeout)
             report["results"][name][setting] = result
-            report["load_average_end"] = load_average()
-            report["wall_seconds"] = time.perf_counter() - started
-            write_json_atomic(args.out, report)
+            save_report(report, args.out, started)
             if "skipped" in result:
                 print(f"{name} bucketing {setting}: skipped ({result['skipped']})", flush=True)
                 continue

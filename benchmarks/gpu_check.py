@@ -46,17 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     REPO,
+    SMOKE_SYNTHETIC,
     PeakMemory,
     build_run,
-    command_line,
     experiment,
-    git_commit,
-    hardware,
     inference_batch,
     load_average,
+    report_header,
     time_epoch,
     time_inference,
-    utc_now,
     warm_up,
     write_json_atomic,
 )
@@ -66,7 +64,6 @@ DEFAULT_OUT = REPO / "docs" / "results" / "gpu_check.json"
 MODELS = ["sasrec", "mamba4rec", "echomamba4rec"]
 SCAN_SHAPES = [(2, 64, 50, 16), (256, 128, 50, 32), (64, 128, 400, 32)]  # (B, D_inner, L, N)
 SMOKE_SCAN_SHAPES = [(2, 8, 12, 4)]
-SMOKE_SYNTHETIC = {"n_users": 120, "n_items": 60, "n_topics": 4, "mean_length": 8.0, "min_length": 5}
 OUT_TOL, GRAD_TOL = 1e-3, 5e-3  # max |x - ref| / max |ref|
 FORBIDDEN = ("ray", "mlflow")
 
@@ -308,11 +305,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     report: dict[str, Any] = {
-        "benchmark": "GPU check: kernels, cuda vs reference, epoch and inference times",
-        "command": command_line(REPO / "benchmarks" / "gpu_check.py", sys.argv[1:] if argv is None else list(argv)),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware(device.type),
+        **report_header("GPU check: kernels, cuda vs reference, epoch and inference times",
+                        REPO / "benchmarks" / "gpu_check.py", argv, device.type),  # fmt: skip
         "mode": "gpu" if cuda else "cpu smoke (tiny sizes; CUDA-only parts skipped)",
         "load_average_start": load_average(),
     }

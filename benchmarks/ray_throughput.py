@@ -13,7 +13,6 @@ load average and the command to --out (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,10 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, command_line, cpu_model, memory_gib, write_json_atomic  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_config(root: Path, *, name: str, epochs: int, workers: int, gpu: bool, ray: bool) -> ExperimentConfig:
@@ -78,28 +78,12 @@ def machine() -> dict:
     import ray
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": round(mem, 1), "gpu": gpu,
+        "cpus": os.cpu_count(), "cpu_model": cpu_model(fallback="unknown"), "memory_gib": memory_gib(), "gpu": gpu,
         "machine": platform.machine(), "python": platform.python_version(),
         "torch": torch.__version__, "ray": ray.__version__,
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     default = bench_config(Path("."), name="x", epochs=1, workers=1, gpu=False, ray=True)
     report = {
         "benchmark": "training samples/second through Ray Train (median of epochs 1..)",
-        "command": " ".join(["python", "benchmarks/ray_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(__file__, argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,

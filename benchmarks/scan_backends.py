@@ -22,7 +22,6 @@ software versions, load average, the command and the date.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -36,12 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import REPO, command_line, load_average, memory_gib, repo_env, serve_worker, utc_now  # noqa: E402
 from _common import cpu_model as _cpu_model  # noqa: E402  (shared with the other benchmarks)
 from _common import reset_peak_rss as _reset_peak_rss  # noqa: E402
 from _common import rss_kib as _rss_kib  # noqa: E402
 from _common import write_json_atomic as _write_json_atomic  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "scan_backends.json"
 
 
@@ -188,10 +187,8 @@ def _spawn(kind: str, backend: str, args) -> dict:
            "--reps", str(args.reps), "--batch", str(args.batch), "--length", str(args.length),
            "--d-inner", str(args.d_inner), "--d-state", str(args.d_state),
            "--threads", str(args.threads or 0)]  # fmt: skip
-    paths = [str(REPO), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     load_before = os.getloadavg()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=repo_env())
     if out.returncode != 0:
         raise RuntimeError(f"{kind}/{backend} worker failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -230,9 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.worker:
-        fn = _worker_scan if args.worker == "scan" else _worker_block
-        print(json.dumps(fn(args)))
+    if serve_worker(args, _worker_scan if args.worker == "scan" else _worker_block):
         return 0
 
     import numba
@@ -276,16 +271,11 @@ def main(argv=None) -> int:
 
     payload = {
         "benchmark": "selective scan, forward + backward",
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(__file__, sys.argv[1:]),
+        "date": utc_now(),
         "hardware": {
-            "cpu": _cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "memory_gib": round(
-                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
-            ),
-            "gpu": gpu or None,
-        },
+            "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "memory_gib": memory_gib(), "gpu": gpu or None,
+        },  # fmt: skip
         "software": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -298,7 +288,7 @@ def main(argv=None) -> int:
         "delta_bias = softplus^-1(U(0.001, 0.1)); delta_softplus=True; all require grad; "
         "upstream gradient ones",
         "method": __doc__.split("\n\n", 2)[2].strip(),
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min
+        "load_average_at_end": load_average(),  # 1, 5, 15 min
         "scan": scan,
         "ratios": ratios,
         "mamba_block": block,

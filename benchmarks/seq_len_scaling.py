@@ -44,17 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
     PeakMemory,
-    command_line,
-    git_commit,
-    hardware,
     load_average,
+    report_header,
     rss_kib,
     run_worker,
+    save_report,
+    serve_worker,
     sync,
     train_step,
-    utc_now,
     warm_up,
-    write_json_atomic,
 )
 
 MODELS = ["echomamba4rec", "sasrec"]
@@ -235,17 +233,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args)))
+    if serve_worker(args, _worker):
         return 0
 
     started = time.perf_counter()
     report = {
-        "benchmark": "one training step against the sequence length",
-        "command": command_line(__file__, sys.argv[1:] if argv is None else list(argv)),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware(args.device),
+        **report_header("one training step against the sequence length", __file__, argv, args.device),
         "precision": args.precision,
         "settings": {
             "batch": args.batch, "n_items": args.n_items, "reps": args.reps, "hidden_size": 64,
@@ -275,9 +268,7 @@ def main(argv=None) -> int:
                 if "skipped" in result:
                     skipped_at = length
             report["results"][name][str(length)] = result
-            report["load_average_end"] = load_average()
-            report["wall_seconds"] = time.perf_counter() - started
-            write_json_atomic(args.out, report)
+            save_report(report, args.out, started)
             if "skipped" in result:
                 print(f"{name} L={length}: skipped ({result['skipped']})", flush=True)
             else:

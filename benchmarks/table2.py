@@ -35,23 +35,21 @@ both replaced atomically after every run, so a long harness shows its progress.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, git_commit, resolve_data, utc_now, write_text_atomic  # noqa: E402
+from _common import hardware as _hardware  # noqa: E402
 
 MODEL_ORDER = [
     "narm",
@@ -128,61 +126,11 @@ TARGETS = {
     ],
 }
 
-SMOKE_SYNTHETIC = {"n_users": 120, "n_items": 60, "n_topics": 4, "mean_length": 8.0, "min_length": 5}
 SMOKE_MAX_LEN = 20
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def resolve_data(spec: str, *, smoke: bool, cache_root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`--data` -> (the config's `data` section without max_len, a description of the dataset).
-
-    A raw file is prepared (in this process, default options: dedup, 5-core) into
-    `cache_root/<stem>`, and reused while its recorded source sha256 matches the file.
-    """
-    if smoke or spec == "synthetic":
-        from echomamba_dist.config import DataConfig, from_dict
-        from echomamba_dist.data.dataset import load_dataset
-
-        data = {"synthetic": dict(SMOKE_SYNTHETIC)} if smoke else {}
-        meta = load_dataset(from_dict(DataConfig, data)).meta
-        return data, _describe("synthetic-smoke" if smoke else "synthetic", None, meta)
-    path = Path(spec).expanduser().resolve()
-    if path.is_dir():
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        return {"path": str(path)}, _describe(path.name, path, meta)
-    if not path.is_file():
-        raise SystemExit(f"--data {spec}: not a prepared directory, a file, or 'synthetic'")
-    from echomamba_dist.data.prepare import prepare
-
-    sha = _sha256(path)
-    out = cache_root / path.stem
-    meta_file = out / "meta.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text())["source"].get("sha256") == sha:
-        meta = json.loads(meta_file.read_text())
-    else:
-        print(f"preparing {path} into {out}", flush=True)
-        meta = prepare(path, out, use_ray=False, overwrite=True)
-    return {"path": str(out)}, _describe(path.stem, out, meta)
-
-
-def _describe(name: str, prepared: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "prepared": str(prepared) if prepared else None,
-        "source": meta.get("source", {}),
-        **{k: meta.get(k) for k in ("n_users", "n_items", "n_interactions", "avg_length", "options")},
-    }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Data (`--data` is resolved by `_common.resolve_data`, shared with table3.py and bucketing.py)
 
 
 def paper_key(name: str) -> str | None:
@@ -276,7 +224,7 @@ def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
         "wall_seconds_this_session": wall,
         "dataset_fingerprint": result["dataset_fingerprint"],
     }
-    _write_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
+    write_text_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
     return {**record, "reused": False}
 
 
@@ -317,40 +265,18 @@ def best_variant(variants: dict[str, dict[str, Any]]) -> str | None:
 # Provenance
 
 
+# The hardware fields of a Table 2 report: those of `_common.hardware` less memory, CUDA and
+# Numba versions (kept as they were, so that reports stay comparable).
+HARDWARE_FIELDS = ("cpu", "cpu_cores", "cpu_cores_usable", "torch_threads", "device", "torch", "python", "platform")
+
+
 def hardware(device: str) -> dict[str, Any]:
+    """The machine, for the report; `device` "auto" means the GPU when there is one."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if use_cuda else "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def git_commit() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    info = _hardware("cuda" if use_cuda else "cpu")
+    return {k: info[k] for k in HARDWARE_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,14 +389,6 @@ def _source_name(ds: dict[str, Any]) -> str:
     return str(source.get("format", "synthetic"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 
@@ -548,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs_dir": str(runs_dir),
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "git": git_commit(),
         "hardware": hardware(args.device),
         "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
@@ -604,8 +522,8 @@ def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], ar
         for model, metric, target in TARGETS.get(key or "", [])
     ]
     report["wall_seconds"] = time.perf_counter() - started
-    _write_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
-    _write_atomic(args.out.with_suffix(".md"), render_markdown(report))
+    write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
+    write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
 
 
 if __name__ == "__main__":

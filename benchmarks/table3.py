@@ -49,19 +49,17 @@ from _common import (  # noqa: E402
     REPO,
     PeakMemory,
     build_run,
-    command_line,
     experiment,
-    git_commit,
-    hardware,
-    import_script,
     inference_batch,
     load_average,
+    report_header,
+    resolve_data,
     run_worker,
+    save_report,
+    serve_worker,
     time_epoch,
     time_inference,
-    utc_now,
     warm_up,
-    write_json_atomic,
 )
 
 MODELS = ["sasrec", "bert4rec", "mamba4rec", "echomamba4rec"]
@@ -188,25 +186,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.users, args.reps = 1, SMOKE["users"], 1
         args.max_len, args.batch_size = SMOKE["max_len"], SMOKE["batch_size"]
     args.steps = args.steps if args.steps > 0 else 1 << 30  # 0: every batch of the epoch
+    if args.worker:
+        args.model = args.worker
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        args.model = args.worker
-        print(json.dumps(_worker(args)))
+    if serve_worker(args, _worker):
         return 0
 
-    table2 = import_script("table2")  # its dataset resolution: prepared dir, raw file, synthetic
-    data_section, dataset = table2.resolve_data(args.data, smoke=args.smoke, cache_root=REPO / "prepared")
+    data_section, dataset = resolve_data(args.data, smoke=args.smoke)
     started = time.perf_counter()
     report = {
-        "benchmark": "Table 3 analog: peak memory, training time per epoch, inference for 4,096 users",
-        "command": command_line(__file__, sys.argv[1:] if argv is None else list(argv)),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware(args.device),
+        **report_header("Table 3 analog: peak memory, training time per epoch, inference for 4,096 users",
+                        __file__, argv, args.device),  # fmt: skip
         "dataset": dataset,
         "precision": args.precision,
         "settings": {
@@ -230,9 +224,7 @@ def main(argv=None) -> int:
             result = {"skipped": f"failed: {str(exc).splitlines()[-1]}"}
             print(exc, file=sys.stderr)
         report["results"][name] = result
-        report["load_average_end"] = load_average()
-        report["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(args.out, report)
+        save_report(report, args.out, started)
         if "skipped" in result:
             print(f"{name}: skipped ({result['skipped']})", flush=True)
         else:

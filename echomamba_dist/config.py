@@ -255,6 +255,7 @@ class TrainConfig:
     progress: bool = True  # progress bars (only shown when stdout is a terminal)
     fail_at_step: int | None = None  # fault injection: kill worker rank 1 (or 0) once at this step
     ray: bool = True  # run through Ray Train (False: the per-worker function in this process)
+    samples: Literal["auto", "prefix", "all_positions"] = "auto"  # training samples: the model's own (auto), every prefix as a row (RecBole's augmentation; causal models), or every position of a user's row
     data_sharding: Literal["exact", "ray"] = "exact"  # on Ray: exact slices of each seeded global batch, or Ray's streaming split (docs/distributed.md)
 
     def __post_init__(self) -> None:
@@ -346,6 +347,23 @@ class ExperimentConfig:
     def model_name(self) -> str:
         return self.model.name
 
+    @property
+    def sample_mode(self) -> str:
+        """The samples this run trains on: `train.samples`, or the model's own when `auto`."""
+        from echomamba_dist.models.registry import model_class
+
+        return model_class(self.model_name).sample_mode if self.train.samples == "auto" else self.train.samples
+
+    def check(self) -> None:
+        """Checks across sections. Raises ConfigError naming the key."""
+        from echomamba_dist.models.registry import model_class
+
+        supported = model_class(self.model_name).supported_samples
+        if self.train.samples != "auto" and self.train.samples not in supported:
+            raise ConfigError(
+                f"train.samples: {self.model_name} trains on {' or '.join(supported)} samples, not {self.train.samples}"
+            )
+
 
 def model_config_from_dict(data: dict[str, Any], *, prefix: str = "model") -> Any:
     """Parse the model section: `name` picks the registered config dataclass for the rest."""
@@ -373,6 +391,7 @@ def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     model = model_config_from_dict(data.pop("model", None) or {}, prefix="model")
     cfg = from_dict(ExperimentConfig, data)
     cfg.model = model
+    cfg.check()
     return cfg
 
 

@@ -360,9 +360,7 @@ def build_trainer(cfg: ExperimentConfig, *, placement_strategy: str = "PACK"):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from echomamba_dist.models.registry import model_class
-
-    sample_mode = model_class(cfg.model_name).sample_mode
+    sample_mode = cfg.sample_mode
     exact = cfg.train.data_sharding == "exact"
     train_ds = build_train_dataset(cfg, sample_mode, materialize=exact)
     entry = ray_train_entry if exact else functools.partial(

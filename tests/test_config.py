@@ -149,3 +149,16 @@ def test_every_evaluate_and_recommend_job_config_loads():
     for path in recommends:
         job = load_command_config(RecommendConfig, path)
         assert job.output and job.ray  # the job configs are the batch (Ray Data) path
+
+
+def test_train_samples_must_suit_the_model():
+    base = {"model": {"name": "gru4rec"}}
+    assert experiment_from_dict(base).sample_mode == "all_positions"  # auto: the model's own
+    assert experiment_from_dict({**base, "train": {"samples": "prefix"}}).sample_mode == "prefix"
+    assert experiment_from_dict({"train": {"samples": "prefix"}}).sample_mode == "prefix"  # EchoMamba4Rec's own
+    with pytest.raises(ConfigError, match="train.samples: echomamba4rec trains on prefix samples, not all_positions"):
+        experiment_from_dict({"train": {"samples": "all_positions"}})
+    with pytest.raises(ConfigError, match="train.samples: bert4rec trains on all_positions samples, not prefix"):
+        experiment_from_dict({"model": {"name": "bert4rec"}, "train": {"samples": "prefix"}})
+    with pytest.raises(ConfigError, match="train.samples: expected one of"):
+        experiment_from_dict({"train": {"samples": "some"}})

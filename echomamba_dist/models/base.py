@@ -8,6 +8,9 @@ Conventions (docs/architecture.md):
                      position may depend on later positions (bidirectional, FFT filter).
     "all_positions"  a target per position, `target` (B, L) with 0 = ignore; exact only for
                      causal models, which implement `forward_all`.
+  `supported_samples` lists what `train.samples` may pick: causal models with the standard loss
+  (SASRec, GRU4Rec, Mamba4Rec) take prefix samples too, where every prefix is a row and the
+  batch counts prefixes (RecBole's data augmentation, which the paper's baselines used).
 - `max_len` is the longest sequence a model accepts (None: any). The training loop checks
   `data.max_len <= model.max_len`.
 
@@ -42,6 +45,9 @@ class SequentialRecommender(nn.Module):
     """Base class: embeds items, scores a (B, H) user state against every item embedding."""
 
     sample_mode: ClassVar[str] = "prefix"
+    # the samples it can train on (`train.samples`); a causal model with the standard loss takes
+    # both: all positions (its default) and prefixes, RecBole's augmentation (one target a row)
+    supported_samples: ClassVar[tuple[str, ...]] = ("prefix",)
 
     def __init__(self, n_items: int, config: Any, *, hidden_size: int) -> None:
         """
@@ -78,11 +84,11 @@ class SequentialRecommender(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of the targets over all real items (1..n_items).
 
-        `batch` holds `item_seq` (B, L), `seq_len` (B,) and `target`: (B,) in prefix mode,
-        (B, L) with 0 = no target in all-positions mode.
+        `batch` holds `item_seq` (B, L), `seq_len` (B,) and `target`: (B,) for prefix samples,
+        (B, L) with 0 = no target for all-positions samples (causal models only).
         """
         item_seq, seq_len, target = batch["item_seq"], batch["seq_len"], batch["target"]
-        if self.sample_mode == "all_positions":
+        if target.ndim == 2:
             states = self.forward_all(item_seq, seq_len)  # (B, L, H)
             keep = target > 0  # (B, L)
             states, target = states[keep], target[keep]  # (M, H), (M,)

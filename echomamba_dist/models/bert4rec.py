@@ -77,6 +77,7 @@ class BERT4Rec(SequentialRecommender):
     """
 
     sample_mode = "all_positions"
+    supported_samples = ("all_positions",)  # the masked-item objective rebuilds whole sequences
 
     def __init__(self, n_items: int, config: BERT4RecConfig | None = None) -> None:
         config = config or BERT4RecConfig()

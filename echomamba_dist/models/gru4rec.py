@@ -41,6 +41,7 @@ class GRU4Rec(SequentialRecommender):
     """GRU4Rec; `forward_all -> (B, L, H)`, `forward -> (B, H)`. Trains on all positions."""
 
     sample_mode = "all_positions"
+    supported_samples = ("all_positions", "prefix")
 
     def __init__(self, n_items: int, config: GRU4RecConfig | None = None) -> None:
         config = config or GRU4RecConfig()

@@ -64,6 +64,7 @@ class Mamba4Rec(NormedEmbeddingRecommender):
     """Mamba4Rec; `forward_all -> (B, L, H)`, `forward -> (B, H)`. Trains on all positions."""
 
     sample_mode = "all_positions"
+    supported_samples = ("all_positions", "prefix")
 
     def __init__(self, n_items: int, config: Mamba4RecConfig | None = None) -> None:
         config = config or Mamba4RecConfig()

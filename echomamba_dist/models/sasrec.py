@@ -40,6 +40,7 @@ class SASRec(SequentialRecommender):
     """SASRec; `forward_all -> (B, L, H)`, `forward -> (B, H)`. Trains on all positions."""
 
     sample_mode = "all_positions"
+    supported_samples = ("all_positions", "prefix")
 
     def __init__(self, n_items: int, config: SASRecConfig | None = None) -> None:
         config = config or SASRecConfig()

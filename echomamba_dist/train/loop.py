@@ -298,7 +298,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
         On every rank: {"best_epoch", "epochs_run", "valid": {...}, "test": {...},
         "popularity": {...}, "train_seconds", "samples_per_second", ...}.
     """
-    from echomamba_dist.models.registry import build_model, model_class
+    from echomamba_dist.models.registry import build_model
 
     cfg = experiment_from_dict(config)
     session = session or LocalSession(cfg)
@@ -306,7 +306,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
     is_main = session.rank == 0
     seed_everything(cfg.train.seed)
 
-    data = build_training_data(cfg, model_class(cfg.model_name).sample_mode, with_samples=session.local_samples)
+    data = build_training_data(cfg, cfg.sample_mode, with_samples=session.local_samples)
     seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
     model = build_model(cfg.model, n_items=data.n_items).to(device)
     model_max_len = getattr(cfg.model, "max_len", None)

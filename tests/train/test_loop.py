@@ -240,3 +240,44 @@ def test_main_job_model_beats_popularity_on_the_builtin_data(tmp_path):
     assert result["model"] == "echomamba4rec" and result["test_users"] == 2000
     assert result["test"]["ndcg@10"] > 2 * result["popularity"]["ndcg@10"]
     assert result["test"]["hr@10"] > 1.5 * result["popularity"]["hr@10"]
+
+
+def test_a_causal_model_trains_on_prefix_samples(tmp_path):
+    """`train.samples: prefix` (RecBole's augmentation): every prefix is a row, the batch counts
+    prefixes, so an epoch takes as many steps as prefixes / batch, not users / batch."""
+    from echomamba_dist.data.dataset import load_dataset
+    from echomamba_dist.data.splits import leave_one_out
+
+    model = {"name": "gru4rec", "hidden_size": 16, "gru_size": 16}
+    runs = {}
+    for samples in ("auto", "prefix"):
+        cfg = tiny_config(tmp_path, train={"samples": samples, "epochs": 1, "patience": 0},
+                          run={"name": f"gru-{samples}"}, tracking={"enabled": False})  # fmt: skip
+        cfg["model"] = model
+        runs[samples] = train_per_worker(cfg)
+    cfg = experiment_from_dict(tiny_config(tmp_path))
+    loo = leave_one_out(*(lambda d: (d.offsets, d.items))(load_dataset(cfg.data)))
+    users = int((np.diff(loo.train_offsets) >= 2).sum())  # users with a target
+    prefixes = int(np.clip(np.diff(loo.train_offsets) - 1, 0, None).sum())  # one per target
+    assert runs["auto"]["steps"] == -(-users // 128)  # all positions: one row a user
+    assert runs["prefix"]["steps"] == -(-prefixes // 128) > runs["auto"]["steps"]
+    assert 0 < runs["prefix"]["test"]["ndcg@10"] <= 1
+
+
+def test_prefix_and_all_position_losses_agree_for_a_causal_model():
+    """The same targets give the same loss either way: a causal model's state at position t is
+    the state of the prefix ending at t."""
+    from echomamba_dist.data.splits import all_position_samples, prefix_samples
+    from echomamba_dist.models.registry import build_model, model_config_class
+
+    offsets = np.array([0, 5, 9, 16])
+    items = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3])
+    for name in ("sasrec", "gru4rec", "mamba4rec"):
+        torch.manual_seed(0)
+        kwargs = {"hidden_size": 16, "dropout": 0.0} | ({"max_len": 8} if name == "sasrec" else {})
+        model = build_model(model_config_class(name)(**kwargs), n_items=10).eval()
+        losses = []
+        for make in (all_position_samples, prefix_samples):
+            seq, seq_len, target = (torch.as_tensor(a) for a in make(offsets, items, 8))
+            losses.append(model.loss({"item_seq": seq, "seq_len": seq_len, "target": target}))
+        assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5), name
