@@ -196,6 +196,11 @@ def _spawn(kind: str, backend: str, args) -> dict:
     return result
 
 
+def _ratio(a: float, b: float, empty: float | None = math.nan) -> float | None:
+    """a / b, or `empty` when b is 0 (a peak too small for the RSS mark to see)."""
+    return a / b if b else empty
+
+
 def _table(title: str, results: dict) -> str:
     ref = results.get("reference")
     rows = [title, f"{'backend':<10} {'fwd s':>8} {'bwd s':>8} {'fwd+bwd s':>10} {'cpu s':>8} "
@@ -205,7 +210,7 @@ def _table(title: str, results: dict) -> str:
             rows.append(f"{name:<10} not available")
             continue
         speed = ref["fwd_bwd_s"] / r["fwd_bwd_s"] if ref else math.nan
-        mem = r["peak_mib"] / ref["peak_mib"] if ref and name != "cuda" else math.nan
+        mem = _ratio(r["peak_mib"], ref["peak_mib"]) if ref and name != "cuda" else math.nan
         rows.append(
             f"{name:<10} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['fwd_bwd_s']:10.3f} "
             f"{r['cpu_time_s']:8.2f} {r['peak_mib']:9.1f} {speed:8.2f} {mem:9.3f}"
@@ -264,10 +269,12 @@ def main(argv=None) -> int:
     if scan["reference"] and scan["cpu"]:
         ratios = {
             "cpu_speedup_vs_reference": scan["reference"]["fwd_bwd_s"] / scan["cpu"]["fwd_bwd_s"],
-            "cpu_peak_memory_vs_reference": scan["cpu"]["peak_mib"] / scan["reference"]["peak_mib"],
+            # None when the reference's peak rounds to 0 MiB (tiny shapes: nothing to compare)
+            "cpu_peak_memory_vs_reference": _ratio(scan["cpu"]["peak_mib"], scan["reference"]["peak_mib"], None),
         }
+        mem = ratios["cpu_peak_memory_vs_reference"]
         print(f"cpu vs reference: {ratios['cpu_speedup_vs_reference']:.2f}x faster, "
-              f"{ratios['cpu_peak_memory_vs_reference']:.4f}x the peak memory")  # fmt: skip
+              + (f"{mem:.4f}x the peak memory" if mem is not None else "peak memory too small to compare"))
 
     payload = {
         "benchmark": "selective scan, forward + backward",
