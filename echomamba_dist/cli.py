@@ -141,7 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def format_result(result: dict[str, Any], *, run_dir: Path | None = None) -> str:
     """The end-of-run metrics table: test metrics of the best epoch next to popularity."""
-    keys = list(result["test"])
+    order = {"hr": 0, "ndcg": 1, "mrr": 2, "recall": 3}  # the same columns through Ray or not
+    keys = sorted(result["test"], key=lambda k: (int(k.partition("@")[2] or 0), order.get(k.partition("@")[0], 9), k))
     lines = [
         f"model {result['model']}  run {result['run']}  best epoch {result['best_epoch']}  "
         f"epochs {result['epochs_run']}  test users {result['test_users']}",

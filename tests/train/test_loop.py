@@ -281,3 +281,15 @@ def test_prefix_and_all_position_losses_agree_for_a_causal_model():
             seq, seq_len, target = (torch.as_tensor(a) for a in make(offsets, items, 8))
             losses.append(model.loss({"item_seq": seq, "seq_len": seq_len, "target": target}))
         assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5), name
+
+
+def test_the_metrics_table_has_the_same_columns_whatever_the_key_order():
+    from echomamba_dist.cli import format_result
+
+    metrics = {"recall@10": 0.4, "mrr@10": 0.1, "ndcg@10": 0.2, "hr@10": 0.4, "hr@5": 0.3}
+    result = {"model": "m", "run": "r", "best_epoch": 1, "epochs_run": 2, "test_users": 3,
+              "test": metrics, "valid": dict(reversed(list(metrics.items()))), "popularity": {}}  # fmt: skip
+    header = format_result(result).splitlines()[2].split()
+    assert header == ["hr@5", "hr@10", "ndcg@10", "mrr@10", "recall@10"]
+    test_row = format_result(result).splitlines()[4].split()
+    assert test_row == ["test", "0.3000", "0.4000", "0.2000", "0.1000", "0.4000"]
