@@ -178,6 +178,8 @@ def run_config(
         "ray": False,
         "progress": False,
     }
+    if cfg_samples(model, args) == "prefix":
+        train["samples"] = "prefix"  # RecBole's augmentation, as the paper's baselines were trained
     return {
         "data": {**data, "max_len": max_len},
         "model": model_section,
@@ -185,6 +187,14 @@ def run_config(
         "run": {"name": run_name, "storage_path": str(runs_dir), "resume": True},
         "tracking": {"enabled": args.tracking, "experiment": f"table2-{runs_dir.name}"},
     }
+
+
+def cfg_samples(model: str, args: argparse.Namespace) -> str:
+    """The `train.samples` a harness run of `model` uses under `--samples`."""
+    from echomamba_dist.models.registry import model_class
+
+    cls = model_class(model)
+    return "prefix" if args.samples == "prefix" and cls.sample_mode != "prefix" and "prefix" in cls.supported_samples else "auto"
 
 
 def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
@@ -214,6 +224,8 @@ def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
         "seed": cfg["train"]["seed"],
         "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"],
+        "steps": result["steps"],
+        "samples": cfg["train"].get("samples", "auto"),
         "stopped_early": stopped_early,
         "valid": result["valid"],
         "test": result["test"],
@@ -402,6 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", action="store_true", help="add the EchoMamba4Rec variant study")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (paper: 300; smoke: 1)")
     parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument(
+        "--samples", default="auto", choices=["auto", "prefix"],
+        help="prefix: causal models (SASRec, GRU4Rec, Mamba4Rec) train on every prefix as a row, as "
+        "RecBole trained the paper's baselines; BERT4Rec and the prefix models are unchanged",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--runs", type=Path, default=None, help="run directories (default runs/table2/<dataset>)")
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs instead of resuming them")
@@ -461,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "dropout": 0.2,
             "lr": 1e-3,
             "metric": "ndcg@10",
+            "samples": args.samples,
             "smoke": args.smoke,
             "runner": "echomamba_dist.train.loop.train_per_worker (in process, no Ray)",
             "runs_dir": str(runs_dir),
@@ -481,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         for entry, model, variant, overrides in plan:
             for seed in args.seeds:
                 run_name = f"{model}{'-' + variant if variant and variant != DEFAULT_VARIANT else ''}-seed{seed}"
+                if cfg_samples(model, args) == "prefix":
+                    run_name = f"{model}-prefix-seed{seed}"  # never resumes an all-positions run
                 cfg = run_config(model, overrides, seed, data=data, args=args, runs_dir=runs_dir, run_name=run_name)
                 print(f"=== {entry} seed {seed} ({run_name})", flush=True)
                 record = train_one(cfg, fresh=args.fresh)

@@ -69,3 +69,21 @@ def test_table2_smoke_runs_all_eight_models(tmp_path):
                   "Bi-Mambaformer4Rec", "EchoMamba4Rec"):
         assert f"| {label} " in markdown
     assert not list(tmp_path.glob("runs")) and not (REPO / "runs" / "table2" / "synthetic-smoke").exists()
+
+
+@pytest.mark.slow
+def test_table2_prefix_samples_for_the_causal_baselines(tmp_path):
+    """`--samples prefix`: GRU4Rec trains on prefix rows (RecBole's way), in runs of their own;
+    BERT4Rec, which cannot, keeps its own samples."""
+    out = tmp_path / "t2.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--samples", "prefix", "--models", "gru4rec", "bert4rec", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["samples"] == "prefix"
+    assert [r["run_name"] for r in report["runs"]] == ["gru4rec-prefix-seed1", "bert4rec-seed1"]
+    gru, bert = report["runs"]
+    assert (gru["samples"], bert["samples"]) == ("prefix", "auto")
+    assert gru["steps"] > bert["steps"]  # prefix rows outnumber users: more steps an epoch
