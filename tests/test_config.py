@@ -162,3 +162,28 @@ def test_train_samples_must_suit_the_model():
         experiment_from_dict({"model": {"name": "bert4rec"}, "train": {"samples": "prefix"}})
     with pytest.raises(ConfigError, match="train.samples: expected one of"):
         experiment_from_dict({"train": {"samples": "some"}})
+
+
+def test_every_job_config_loads_with_its_loader():
+    """Each file in jobs/configs/ is a training run, a study, or an evaluate / recommend job, and
+    loads without error through the loader its entrypoint uses."""
+    from echomamba_dist.tune import load_study
+
+    paths = sorted(JOB_CONFIGS.glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        if path.name.startswith("tune-"):
+            load_study(path)
+        elif path.name.startswith("evaluate-"):
+            load_command_config(EvaluateConfig, path)
+        elif path.name.startswith("recommend-"):
+            load_command_config(RecommendConfig, path)
+        else:
+            cfg = load_config(path)
+            assert cfg.run.name, path
+    # the paper's Beauty runs: the settings of §4.1
+    for model in ("echomamba4rec", "sasrec", "gru4rec", "mamba4rec"):
+        cfg = load_config(JOB_CONFIGS / f"beauty-{model}.yaml")
+        assert cfg.model_name == model and (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (2048, 1e-3, 10)
+        assert cfg.data.max_len == 50 and cfg.model.hidden_size == 64 and cfg.model.dropout == 0.2
+    assert load_config(JOB_CONFIGS / "beauty-gru4rec.yaml").sample_mode == "prefix"
