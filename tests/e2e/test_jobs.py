@@ -83,6 +83,14 @@ def stop_head(markers: list[str], grace: float = 20.0) -> set[int]:
         time.sleep(1)
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (R, S, Z, ...), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return None
+
+
 HEAD_PIDS: set[int] = set()  # every process of the e2e head, checked by test_nothing_left_running
 
 
@@ -229,14 +237,6 @@ def test_submit_train_and_recommend_jobs_tracked_on_mlflow_server(tmp_path, mlfl
 def test_nothing_left_running():
     """Runs after the test above (file order): no Ray or MLflow server process of ours survives."""
     assert len(HEAD_PIDS) >= 5, HEAD_PIDS  # GCS, raylet, dashboard, monitors, workers were seen and stopped
-    alive = []
-    for pid in HEAD_PIDS:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] if Path(f"/proc/{pid}/stat").exists() else "?"
-        if state != "Z":  # a zombie has exited; only its parent's wait is missing
-            alive.append(pid)
+    alive = [pid for pid in HEAD_PIDS if process_state(pid) not in (None, "Z")]  # a zombie has exited
     assert not alive, alive
     assert not head_processes([f"ray-e2e-{os.getpid()}", "mlflow-server.db"])
