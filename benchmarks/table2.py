@@ -498,9 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for entry, model, variant, overrides in plan:
             for seed in args.seeds:
-                run_name = f"{model}{'-' + variant if variant and variant != DEFAULT_VARIANT else ''}-seed{seed}"
+                tags = [variant] if variant and variant != DEFAULT_VARIANT else []
                 if cfg_samples(model, args) == "prefix":
-                    run_name = f"{model}-prefix-seed{seed}"  # never resumes an all-positions run
+                    tags.append("prefix")  # never resumes an all-positions run
+                run_name = "-".join([model, *tags, f"seed{seed}"])
                 cfg = run_config(model, overrides, seed, data=data, args=args, runs_dir=runs_dir, run_name=run_name)
                 print(f"=== {entry} seed {seed} ({run_name})", flush=True)
                 record = train_one(cfg, fresh=args.fresh)

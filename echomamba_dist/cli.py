@@ -163,7 +163,7 @@ def _eval_data(loaded, data_path: str | None):
     cfg = loaded.config
     if data_path is not None:
         cfg.data.path = data_path
-    data = build_training_data(cfg, loaded.model.sample_mode)
+    data = build_training_data(cfg, cfg.sample_mode, with_samples=False)  # valid/test only
     if data.n_items != int(loaded.meta["n_items"]):
         raise CheckpointError(
             f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, "
@@ -178,6 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from echomamba_dist.config import EvaluateConfig, load_command_config
     from echomamba_dist.inference import load_model
     from echomamba_dist.train.evaluate import evaluate_model
+    from echomamba_dist.train.loop import write_json_atomic
 
     flags = {k: getattr(args, k) for k in ("checkpoint", "data", "split", "exclude_history", "output")}
     job = load_command_config(EvaluateConfig, args.config, args.overrides, flags)
@@ -189,14 +190,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=torch.device("cpu"), exclude_history=job.exclude_history,
     )
     report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, **metrics}
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if job.output is not None:
-        out = Path(job.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_json_atomic(Path(job.output), report, sort_keys=False)  # the same text as printed
     return 0
 
 

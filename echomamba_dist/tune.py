@@ -876,7 +876,7 @@ def best_trial_test_metrics(run_dir: Path) -> dict[str, float]:
 
     loaded = load_model(run_dir)  # the latest checkpoint carries the best weights so far
     cfg = loaded.config
-    data = build_training_data(cfg, loaded.model.sample_mode)
+    data = build_training_data(cfg, cfg.sample_mode, with_samples=False)  # the test split only
     metrics = evaluate_model(loaded.model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size,
                              device=torch.device("cpu"), exclude_history=cfg.train.exclude_history)
     return {k: float(v) for k, v in metrics.items() if k != "count"}

@@ -463,7 +463,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
             "dataset_fingerprint": data.fingerprint,
         }
         if is_main:
-            _write_json_atomic(cfg.run.run_dir / METRICS_FILE, result)
+            write_json_atomic(cfg.run.run_dir / METRICS_FILE, result)
             best_dir = latest_checkpoint(cfg.run.run_dir)
             tracker.log_final(
                 {**{f"test_{k}": v for k, v in result["test"].items()}, "best_epoch": state.best_epoch,
@@ -483,10 +483,11 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
             tracker.end(status=status)
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any], *, sort_keys: bool = True) -> None:
+    """Write `data` as indented JSON to `path` atomically (temporary file, then rename)."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float), encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=float) + "\n", encoding="utf-8")
     os.replace(tmp, path)
