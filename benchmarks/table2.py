@@ -7,6 +7,8 @@
     python benchmarks/table2.py --data ../shared/data/amazon-video-games.txt --seeds 1 2 3 \
         --out docs/results/table2-video-games.json
     python benchmarks/table2.py --smoke --out /tmp/table2-smoke.json   # CI: tiny data, 1 epoch
+    python benchmarks/table2.py --collect runs/beauty-sasrec runs/beauty-echomamba4rec \
+        --out docs/results/table2-beauty-cli.json   # tabulate runs trained elsewhere
 
 `--data` is a prepared directory, a raw log (prepared once, in this process, into
 `prepared/<file stem>`, reused while the source's sha256 matches), or `synthetic`.
@@ -30,6 +32,11 @@ variant's test metrics then stand in the EchoMamba4Rec row of the table.
 Writes `--out` (JSON: every run, mean and standard deviation over seeds, the paper's numbers, the
 commit, hardware, command and wall time) and a markdown table beside it (same stem, `.md`),
 both replaced atomically after every run, so a long harness shows its progress.
+
+`--collect RUN_DIR ...` trains nothing: it reads finished runs made elsewhere (`echomamba train
+--config jobs/configs/beauty-<model>.yaml`, a Ray job, another machine) from their `metrics.json`
+and checkpoint configs, checks that they share the dataset and the paper's settings, groups the
+seeds of each model, and writes the same JSON and markdown, with one line per run.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ DISPLAY = {
     "echomamba4rec": "EchoMamba4Rec",
 }
 METRICS = ["hr@10", "ndcg@10", "mrr@10"]
+ROWS = {"prefix": "prefix", "all_positions": "all positions"}  # `train.samples`, as the tables say it
 
 # EchoMamba4Rec variants of the study; "sum-last" is the default model (the table's own run).
 ECHO_VARIANTS: dict[str, dict[str, Any]] = {
@@ -199,7 +207,6 @@ def cfg_samples(model: str, args: argparse.Namespace) -> str:
 
 def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
     """Train one run (or reuse its finished result) and return the harness's record of it."""
-    from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
     from echomamba_dist.train.loop import train_per_worker
 
     run_dir = Path(cfg["run"]["storage_path"]) / cfg["run"]["name"]
@@ -213,31 +220,127 @@ def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
 
     start = time.perf_counter()
     result = train_per_worker(cfg)
-    wall = time.perf_counter() - start
+    record = run_record(run_dir, cfg, result) | {"wall_seconds_this_session": time.perf_counter() - start}
+    write_text_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
+    return {**record, "reused": False}
+
+
+def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The harness's record of a finished run: its config, its result (metrics.json) and the
+    per-epoch times of its newest checkpoint."""
+    from echomamba_dist.models.registry import model_class
+    from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
+
     latest = latest_checkpoint(run_dir)
     history = read_meta(latest)["history"] if latest else []
     epoch_seconds = [h["epoch_seconds"] for h in history]
-    stopped_early = result["epochs_run"] < cfg["train"]["epochs"]
-    record = {
+    model = cfg["model"]["name"]
+    samples = cfg["train"].get("samples", "auto")
+    return {
         "config": cfg,
-        "model": cfg["model"]["name"],
+        "model": model,
         "seed": cfg["train"]["seed"],
         "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"],
         "steps": result["steps"],
-        "samples": cfg["train"].get("samples", "auto"),
-        "stopped_early": stopped_early,
+        "samples": model_class(model).sample_mode if samples == "auto" else samples,
+        "stopped_early": result["epochs_run"] < cfg["train"]["epochs"],
         "valid": result["valid"],
         "test": result["test"],
         "test_users": result["test_users"],
         "popularity": result["popularity"],
         "seconds_per_epoch": statistics.mean(epoch_seconds) if epoch_seconds else None,
         "train_seconds": sum(epoch_seconds),
-        "wall_seconds_this_session": wall,
         "dataset_fingerprint": result["dataset_fingerprint"],
     }
-    write_text_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
-    return {**record, "reused": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Collecting runs made elsewhere (`echomamba train`, Ray jobs, a GPU machine)
+
+# The settings every collected run must share to stand in one table.
+SHARED_SETTINGS = {
+    "batch_size": ("train", "batch_size"),
+    "max_len": ("data", "max_len"),
+    "epochs": ("train", "epochs"),
+    "patience": ("train", "patience"),
+    "lr": ("train", "lr"),
+    "metric": ("train", "metric"),
+    "hidden_size": ("model", "hidden_size"),
+    "dropout": ("model", "dropout"),
+}
+
+
+def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Records of finished training runs, grouped into table entries, and their shared settings.
+
+    A run directory is one `echomamba train` (or harness) run: `metrics.json` from its end and
+    the config of its newest checkpoint. Runs of one model with the same samples and model
+    settings are seeds of one entry (named after the model, or `model/samples` where one model
+    has runs on both kinds of rows). Raises SystemExit naming the directory and what is wrong:
+    no metrics.json (not finished), no checkpoint, another dataset, other shared settings.
+    """
+    from echomamba_dist.train.checkpoint import latest_checkpoint, read_config
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    settings: dict[str, Any] | None = None
+    fingerprint: tuple[Path, str] | None = None
+    for run_dir in run_dirs:
+        metrics_file = run_dir / "metrics.json"
+        if not metrics_file.is_file():
+            raise SystemExit(f"{run_dir}: no metrics.json: not a finished training run")
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise SystemExit(f"{run_dir}: no checkpoint, so no config to read the run's settings from")
+        cfg = read_config(latest)
+        try:
+            result = json.loads(metrics_file.read_text(encoding="utf-8"))
+            record = run_record(run_dir, cfg, result)
+            shared = {name: cfg[section][key] for name, (section, key) in SHARED_SETTINGS.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SystemExit(f"{run_dir}: metrics.json or {latest.name}/config.yaml lacks {exc}") from None
+        if fingerprint is None:
+            fingerprint = (run_dir, record["dataset_fingerprint"])
+        elif record["dataset_fingerprint"] != fingerprint[1]:
+            raise SystemExit(
+                f"{run_dir}: trained on another dataset (fingerprint {record['dataset_fingerprint']}) "
+                f"than {fingerprint[0]} ({fingerprint[1]}); collect one dataset at a time"
+            )
+        if settings is None:
+            settings = shared
+        for name, value in shared.items():
+            if value != settings[name]:
+                section, key = SHARED_SETTINGS[name]
+                raise SystemExit(
+                    f"{run_dir}: {section}.{key} is {value!r}, but the runs before it have {settings[name]!r}; "
+                    "a table compares runs with the same settings"
+                )
+        record["run_name"] = run_dir.name
+        if any(r["run_name"] == run_dir.name for rs in groups.values() for r in rs):
+            raise SystemExit(f"{run_dir}: a run of the same name was given before it; run names must differ")
+        key = (record["model"], record["samples"], json.dumps(cfg["model"], sort_keys=True))
+        groups.setdefault(key, []).append(record)
+    if settings is None:
+        raise SystemExit("--collect: no run directories given")
+
+    entries: dict[str, list[dict[str, Any]]] = {}
+    by_model = [k[0] for k in groups]
+    for (model, samples, model_section), records in sorted(
+        groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])
+    ):
+        name = model if by_model.count(model) == 1 else f"{model}/{samples}"
+        if name in entries:
+            others = ", ".join(r["run_name"] for r in entries[name])
+            raise SystemExit(
+                f"{records[0]['run_name']}: {model} with {samples} rows but other model settings than "
+                f"{others}; collect them separately"
+            )
+        entries[name] = records
+    return entries, settings
+
+
+def _order(model: str) -> int:
+    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +359,8 @@ def mean_std(values: list[float]) -> dict[str, float]:
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Over the seeds of one model (or variant): test and validation metrics, epochs, time."""
     return {
+        "model": records[0]["model"],
+        "samples": sorted({r["samples"] for r in records}),
         "seeds": [r["seed"] for r in records],
         "test": {m: mean_std([r["test"].get(m) for r in records]) for m in METRICS},
         "valid": {m: mean_std([r["valid"].get(m) for r in records]) for m in METRICS},
@@ -309,18 +414,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     key = report["paper_dataset"]
     paper = PAPER.get(key or "", {})
     hw = report["hardware"]
-    lines = [
-        f"# Table 2 reproduction: {ds['name']}",
-        "",
-        f"Measured by `benchmarks/table2.py` ({'complete' if report['complete'] else 'in progress'}), "
-        f"{report['date']}, commit `{(report['git']['commit'] or 'unknown')[:12]}`"
-        f"{' (uncommitted changes)' if report['git']['dirty'] else ''}, on {hw['device']} "
-        f"({hw['cpu']}, {hw['cpu_cores']} cores, torch {hw['torch']}); harness wall time "
-        f"{report['wall_seconds'] / 60:.1f} min.",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-    ]
+    commit = f"commit `{(report['git']['commit'] or 'unknown')[:12]}`" + (
+        " (uncommitted changes)" if report["git"]["dirty"] else ""
+    )
+    if report.get("collected"):
+        train_minutes = sum(r["train_seconds"] for r in report["runs"]) / 60
+        origin = (
+            f"Collected by `benchmarks/table2.py --collect` on {report['date']} ({commit}) from "
+            f"{len(report['runs'])} finished training runs: the run directories' `metrics.json` and "
+            f"checkpoint configs (table below the main one); {train_minutes:.1f} training minutes in all. "
+            f"Collected on {hw['device']} ({hw['cpu']}); where and how each run trained is in its notes."
+        )
+    else:
+        origin = (
+            f"Measured by `benchmarks/table2.py` ({'complete' if report['complete'] else 'in progress'}), "
+            f"{report['date']}, {commit}, on {hw['device']} ({hw['cpu']}, {hw['cpu_cores']} cores, torch "
+            f"{hw['torch']}); harness wall time {report['wall_seconds'] / 60:.1f} min."
+        )
+    lines = [f"# Table 2 reproduction: {ds['name']}", "", origin, "", f"Command: `{report['command']}`", ""]
     if ds.get("n_users"):
         lines += [
             f"Data: {ds['n_users']:,} users, {ds['n_items']:,} items, {ds['n_interactions']:,} "
@@ -332,21 +443,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines += [
         f"Protocol: leave-one-out, full ranking over all items, test metrics of the epoch with the best "
-        f"validation NDCG@10; hidden 64, dropout 0.2, Adam lr 1e-3, batch {s['batch_size']}, max length "
+        f"validation NDCG@10; hidden {s['hidden_size']}, dropout {s['dropout']}, Adam lr {s['lr']:g}, batch {s['batch_size']}, max length "
         f"{s['max_len']}, at most {s['epochs']} epochs, patience {s['patience']}; seeds "
         f"{' '.join(map(str, s['seeds']))} (mean ± sample std over seeds).",
         "",
-        "| Model | HR@10 | paper | NDCG@10 | paper | MRR@10 | paper | epochs run (best), per seed | s / epoch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Model | training rows | HR@10 | paper | NDCG@10 | paper | MRR@10 | paper | epochs run (best), per seed | s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, summary in report["summary"].items():
-        ref = paper.get(name)
-        label = DISPLAY.get(name, name)
+    for name, summary in _table_rows(report["summary"], paper):
+        model = summary.get("model", name) if summary else name
+        ref = paper.get(model)
+        if summary is None:
+            lines.append(f"| {DISPLAY.get(model, model)} | not run | – | " + " | – | ".join(f"{v:.4f}" for v in ref) + " | – | – |")
+            continue
+        label = DISPLAY.get(model, model)
         if name == "echomamba4rec" and report.get("variants", {}).get("best"):
             label += f" ({report['variants']['best']})"
         if not summary["all_stopped_early"]:
             label += " †"
-        cells = [label]
+        cells = [label, ", ".join(ROWS.get(s, s) for s in summary.get("samples", []))]
         for i, metric in enumerate(METRICS):
             cells += [_fmt(summary["test"][metric]), f"{ref[i]:.4f}" if ref else "–"]
         epochs = ", ".join(f"{e} ({b + 1})" for e, b in zip(summary["epochs_run"], summary["best_epoch"]))
@@ -356,13 +471,28 @@ def render_markdown(report: dict[str, Any]) -> str:
     pop = report.get("popularity")
     if pop:
         lines.append(
-            "| Popularity (reference) | " + " | ".join(f"{pop.get(m, float('nan')):.4f} | –" for m in METRICS) + " | – | – |"
+            "| Popularity (reference) | – | " + " | ".join(f"{pop.get(m, float('nan')):.4f} | –" for m in METRICS) + " | – | – |"
         )
     lines += [
         "",
         "† at least one seed reached the epoch cap before early stopping: not a converged number.",
+        "Training rows: one row a user with a target at every position (all positions), or every "
+        "prefix of a user's training items a row (prefix, RecBole's augmentation).",
         "",
     ]
+    if report.get("collected"):
+        lines += ["## Runs", "", "| run | model | rows | seed | best epoch (from 1) / epochs | valid NDCG@10 | training min |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["runs"]:
+            lines.append(
+                f"| `{r['run_name']}` | {DISPLAY.get(r['model'], r['model'])} | {ROWS.get(r['samples'], r['samples'])} | "
+                f"{r['seed']} | {r['best_epoch'] + 1} / {r['epochs_run']} | {r['valid'].get('ndcg@10', float('nan')):.4f} | "
+                f"{r['train_seconds'] / 60:.1f} |"
+            )
+        lines.append("")
+        lines += [f"- {note}" for note in report.get("notes", [])]
+        if report.get("notes"):
+            lines.append("")
     variants = report.get("variants")
     if variants:
         lines += [
@@ -392,6 +522,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if paper:
         lines += [f"Paper numbers: {PAPER_CITATION}.", ""]
     return "\n".join(lines)
+
+
+def _table_rows(summary: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """The main table's rows in the paper's model order: each entry, and (name, None) for a model
+    of the paper's table that has none ("not run"); entries of other models come last."""
+    rows: list[tuple[str, dict[str, Any] | None]] = []
+    for model in MODEL_ORDER:
+        mine = [(n, s) for n, s in summary.items() if s.get("model", n) == model]
+        rows += mine or ([(model, None)] if model in paper else [])
+    return rows + [(n, s) for n, s in summary.items() if s.get("model", n) not in MODEL_ORDER]
 
 
 def _source_name(ds: dict[str, Any]) -> str:
@@ -425,7 +565,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tracking", action="store_true", help="log every run to MLflow")
     parser.add_argument("--dataset-name", default=None, help="names the dataset (default: from --data)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic data, 1 epoch, 1 seed (CI)")
+    parser.add_argument(
+        "--collect", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+        help="train nothing: tabulate these finished runs (echomamba train, Ray jobs, another machine)",
+    )
+    parser.add_argument("--note", action="append", default=[], help="with --collect: a note under the table (repeatable)")
     args = parser.parse_args(argv)
+    if args.collect is not None:
+        return args
     if args.smoke:
         args.epochs = args.epochs or 1
         if args.seeds == [1, 2, 3]:
@@ -443,6 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.collect is not None:
+        return collect_main(args, argv)
     started = time.perf_counter()
     data, dataset = resolve_data(args.data, smoke=args.smoke, cache_root=REPO / "prepared")
     name = args.dataset_name or dataset["name"]
@@ -519,6 +668,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """`--collect`: the tables of runs trained elsewhere, in the harness's format."""
+    entries, settings = collect_runs(args.collect)
+    records = [r for rs in entries.values() for r in rs]
+    data_path = records[0]["config"]["data"].get("path")
+    name = args.dataset_name or (Path(data_path).name if data_path else "synthetic")
+    key = paper_key(name)
+    seeds = sorted({r["seed"] for r in records})
+    report: dict[str, Any] = {
+        "dataset": {"name": name, "fingerprint": records[0]["dataset_fingerprint"]},
+        "paper_dataset": key,
+        "settings": {**settings, "seeds": seeds, "runner": "collected from run directories"},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
+        "date": utc_now(),
+        "git": git_commit(),
+        "hardware": hardware("cpu"),
+        "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
+        "runs": [{k: v for k, v in r.items() if k != "config"} | {"run_dir": str(d)} for r, d in _with_dirs(entries, args.collect)],
+        "popularity": records[0]["popularity"],
+        "summary": {entry: summarize(rs) for entry, rs in entries.items()},
+        "collected": True,
+        "complete": True,
+        "notes": args.note,
+        "wall_seconds": sum(r["train_seconds"] for r in records),
+    }
+    if key in DATASET_NOTES:
+        report["note"] = DATASET_NOTES[key]
+    report["targets"] = _targets(report["summary"], key)
+    write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
+    write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
+    print(render_markdown(report))
+    return 0
+
+
+def _with_dirs(entries: dict[str, list[dict[str, Any]]], run_dirs: list[Path]) -> list[tuple[dict[str, Any], Path]]:
+    """The collected records in table order, each with the directory it came from."""
+    by_name = {d.name: d for d in run_dirs}
+    return [(r, by_name[r["run_name"]]) for rs in entries.values() for r in rs]
+
+
+def _targets(summary: dict[str, Any], key: str | None) -> list[dict[str, Any]]:
+    """The issue's targets against the summary (None where the model has no entry)."""
+    out = []
+    for model, metric, target in TARGETS.get(key or "", []):
+        found = [s for s in summary.values() if s.get("model") == model]
+        best = max((s["test"][metric]["mean"] for s in found), default=None)
+        out.append({"model": model, "metric": metric, "target": target, "measured": best,
+                    "met": None if best is None else best >= target})
+    return out
+
+
 def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], args: argparse.Namespace, started: float) -> None:
     """Aggregate what has run so far and (re)write the JSON and the markdown."""
     summary = {m: summarize(records[m]) for m in args.models if m in records}
@@ -534,14 +734,7 @@ def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], ar
             summary["echomamba4rec"] = variant_summary[best]
     report["summary"] = summary
     key = report["paper_dataset"]
-    report["targets"] = [
-        {
-            "model": model, "metric": metric, "target": target,
-            "measured": summary[model]["test"][metric]["mean"] if model in summary else None,
-            "met": summary[model]["test"][metric]["mean"] >= target if model in summary else None,
-        }
-        for model, metric, target in TARGETS.get(key or "", [])
-    ]
+    report["targets"] = _targets(summary, key)
     report["wall_seconds"] = time.perf_counter() - started
     write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
     write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ def _load_table2():
 
 def _record(seed, hr, ndcg, *, stopped=True):
     metrics = {"hr@10": hr, "ndcg@10": ndcg, "mrr@10": ndcg / 2}
-    return {"seed": seed, "test": metrics, "valid": metrics, "epochs_run": 12, "best_epoch": 1,
-            "stopped_early": stopped, "seconds_per_epoch": 2.0}
+    return {"model": "echomamba4rec", "samples": "prefix", "seed": seed, "test": metrics, "valid": metrics,
+            "epochs_run": 12, "best_epoch": 1, "stopped_early": stopped, "seconds_per_epoch": 2.0}
 
 
 def test_mean_std_and_best_variant():
@@ -85,5 +86,60 @@ def test_table2_prefix_samples_for_the_causal_baselines(tmp_path):
     assert report["settings"]["samples"] == "prefix"
     assert [r["run_name"] for r in report["runs"]] == ["gru4rec-prefix-seed1", "bert4rec-seed1"]
     gru, bert = report["runs"]
-    assert (gru["samples"], bert["samples"]) == ("prefix", "auto")
+    assert (gru["samples"], bert["samples"]) == ("prefix", "all_positions")
     assert gru["steps"] > bert["steps"]  # prefix rows outnumber users: more steps an epoch
+
+
+@pytest.mark.slow
+def test_collect_tabulates_finished_runs_as_the_harness_did(tmp_path):
+    """`--collect` reads run directories (metrics.json + checkpoint config) and gives the numbers the
+    harness recorded for the same runs; bad run directories are refused by name."""
+    out, runs = tmp_path / "t2.json", tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--samples", "prefix", "--models", "gru4rec", "sasrec",
+         "--seeds", "1", "2", "--runs", str(runs), "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    harness = json.loads(out.read_text())
+    dirs = sorted(runs.iterdir())
+    assert [d.name for d in dirs] == ["gru4rec-prefix-seed1", "gru4rec-prefix-seed2", "sasrec-prefix-seed1", "sasrec-prefix-seed2"]
+
+    t2 = _load_table2()
+    collected = tmp_path / "collected.json"
+    assert t2.main(["--collect", *map(str, dirs), "--note", "trained by the harness", "--out", str(collected)]) == 0
+    report = json.loads(collected.read_text())
+    assert report["collected"] and list(report["summary"]) == ["gru4rec", "sasrec"]
+    for model in ("gru4rec", "sasrec"):
+        ours, theirs = report["summary"][model], harness["summary"][model]
+        assert ours["seeds"] == [1, 2] and ours["samples"] == ["prefix"]
+        for metric in ("hr@10", "ndcg@10", "mrr@10"):
+            assert ours["test"][metric] == pytest.approx(theirs["test"][metric])
+    assert report["settings"]["batch_size"] == 64 and report["settings"]["epochs"] == 1
+    markdown = collected.with_suffix(".md").read_text()
+    assert "| `sasrec-prefix-seed2` | SASRec | prefix | 2 |" in markdown
+    assert "- trained by the harness" in markdown
+
+    # One model on both kinds of rows: two entries, named by their rows.
+    allpos = tmp_path / "allpos"
+    t2.main(["--smoke", "--models", "sasrec", "--seeds", "1", "--runs", str(allpos), "--out", str(tmp_path / "a.json")])
+    both = tmp_path / "both.json"
+    t2.main(["--collect", str(dirs[2]), str(allpos / "sasrec-seed1"), "--out", str(both)])
+    summary = json.loads(both.read_text())["summary"]
+    assert list(summary) == ["sasrec/all_positions", "sasrec/prefix"]
+
+    # Refused, by name: an unfinished run, different settings, the same run twice.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(dirs[0], unfinished)
+    (unfinished / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="unfinished: no metrics.json"):
+        t2.main(["--collect", str(dirs[0]), str(unfinished), "--out", str(tmp_path / "x.json")])
+    other = tmp_path / "other" / "gru4rec-prefix-seed9"
+    shutil.copytree(dirs[0], other)
+    for config in other.glob("epoch_*/config.yaml"):
+        config.write_text(config.read_text().replace("batch_size: 64", "batch_size: 128"))
+    with pytest.raises(SystemExit, match=r"gru4rec-prefix-seed9: train.batch_size is 128, but .* 64"):
+        t2.main(["--collect", str(dirs[0]), str(other), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="a run of the same name"):
+        t2.main(["--collect", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
