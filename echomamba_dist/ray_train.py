@@ -418,6 +418,11 @@ def fit(cfg: ExperimentConfig, *, placement_strategy: str = "PACK") -> dict[str,
     else:
         init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers inherit it
+    # Train V2 replaces `print` in the workers with one that logs the line and, whenever
+    # sys.stdout is wrapped (MLflow does), prints it too: every epoch line twice in the driver's
+    # output. Unpatched, a worker's print goes to its stdout once, which Ray shows here. The driver
+    # passes this variable on to the controller and the workers; a value set by the user wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_dir = cfg.run.run_dir
     if not cfg.run.resume:
         _forget_checkpoints(run_dir)
