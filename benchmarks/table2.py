@@ -258,11 +258,11 @@ def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> di
 # ----------------------------------------------------------------------------------------------
 # Collecting runs made elsewhere (`echomamba train`, Ray jobs, a GPU machine)
 
-# The settings every collected run must share to stand in one table.
+# The settings every collected run must share to stand in one table. The epoch cap may differ: a
+# run that reached its cap before early stopping is marked † in the table.
 SHARED_SETTINGS = {
     "batch_size": ("train", "batch_size"),
     "max_len": ("data", "max_len"),
-    "epochs": ("train", "epochs"),
     "patience": ("train", "patience"),
     "lr": ("train", "lr"),
     "metric": ("train", "metric"),
@@ -322,6 +322,7 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
         groups.setdefault(key, []).append(record)
     if settings is None:
         raise SystemExit("--collect: no run directories given")
+    settings["epochs"] = max(r["config"]["train"]["epochs"] for rs in groups.values() for r in rs)
 
     entries: dict[str, list[dict[str, Any]]] = {}
     by_model = [k[0] for k in groups]

@@ -140,6 +140,11 @@ def test_collect_tabulates_finished_runs_as_the_harness_did(tmp_path):
         config.write_text(config.read_text().replace("batch_size: 64", "batch_size: 128"))
     with pytest.raises(SystemExit, match=r"gru4rec-prefix-seed9: train.batch_size is 128, but .* 64"):
         t2.main(["--collect", str(dirs[0]), str(other), "--out", str(tmp_path / "x.json")])
+    for config in other.glob("epoch_*/config.yaml"):  # another epoch cap alone is allowed
+        config.write_text(config.read_text().replace("batch_size: 128", "batch_size: 64").replace("epochs: 1", "epochs: 3"))
+    assert t2.main(["--collect", str(dirs[0]), str(other), "--out", str(tmp_path / "caps.json")]) == 0
+    caps = json.loads((tmp_path / "caps.json").read_text())
+    assert caps["settings"]["epochs"] == 3 and [r["stopped_early"] for r in caps["runs"]] == [False, True]
     with pytest.raises(SystemExit, match="a run of the same name"):
         t2.main(["--collect", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
