@@ -244,7 +244,7 @@ def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> di
         "epochs_run": result["epochs_run"],
         "steps": result["steps"],
         "samples": model_class(model).sample_mode if samples == "auto" else samples,
-        "stopped_early": result["epochs_run"] < cfg["train"]["epochs"],
+        "stopped_early": stopped_early(result["epochs_run"], result["best_epoch"], cfg["train"]["patience"]),
         "valid": result["valid"],
         "test": result["test"],
         "test_users": result["test_users"],
@@ -253,6 +253,12 @@ def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> di
         "train_seconds": sum(epoch_seconds),
         "dataset_fingerprint": result["dataset_fingerprint"],
     }
+
+
+def stopped_early(epochs_run: int, best_epoch: int, patience: int) -> bool:
+    """Whether a run ended on its patience (`patience` epochs after its best, the loop's rule),
+    not on an epoch cap: a run resumed with a lower `train.epochs` ends on the cap."""
+    return patience > 0 and epochs_run - 1 - best_epoch >= patience
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ def test_mean_std_and_best_variant():
     assert t2.best_variant(variants) == "concat-last"
     assert t2.paper_key("amazon-beauty") == "beauty" and t2.paper_key("amazon-video-games") == "video-games"
     assert t2.paper_key("ml-100k") is None
+    # early stopping is the loop's patience rule, whatever the epoch cap
+    assert t2.stopped_early(epochs_run=29, best_epoch=18, patience=10)
+    assert not t2.stopped_early(epochs_run=28, best_epoch=18, patience=10)  # stopped by a cap of 28
+    assert not t2.stopped_early(epochs_run=300, best_epoch=200, patience=0)  # no early stopping
+    assert t2.stopped_early(epochs_run=300, best_epoch=289, patience=10)  # patience ran out at the cap
     assert set(t2.PAPER["beauty"]) == set(EIGHT) == set(t2.MODEL_ORDER)
 
 
@@ -144,7 +149,7 @@ def test_collect_tabulates_finished_runs_as_the_harness_did(tmp_path):
         config.write_text(config.read_text().replace("batch_size: 128", "batch_size: 64").replace("epochs: 1", "epochs: 3"))
     assert t2.main(["--collect", str(dirs[0]), str(other), "--out", str(tmp_path / "caps.json")]) == 0
     caps = json.loads((tmp_path / "caps.json").read_text())
-    assert caps["settings"]["epochs"] == 3 and [r["stopped_early"] for r in caps["runs"]] == [False, True]
+    assert caps["settings"]["epochs"] == 3 and [r["stopped_early"] for r in caps["runs"]] == [False, False]
     with pytest.raises(SystemExit, match="a run of the same name"):
         t2.main(["--collect", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
