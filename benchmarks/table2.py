@@ -291,6 +291,7 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     settings: dict[str, Any] | None = None
     fingerprint: tuple[Path, str] | None = None
+    names: set[str] = set()
     for run_dir in run_dirs:
         metrics_file = run_dir / "metrics.json"
         if not metrics_file.is_file():
@@ -321,9 +322,10 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
                     f"{run_dir}: {section}.{key} is {value!r}, but the runs before it have {settings[name]!r}; "
                     "a table compares runs with the same settings"
                 )
-        record["run_name"] = run_dir.name
-        if any(r["run_name"] == run_dir.name for rs in groups.values() for r in rs):
+        if run_dir.name in names:
             raise SystemExit(f"{run_dir}: a run of the same name was given before it; run names must differ")
+        names.add(run_dir.name)
+        record.update(run_name=run_dir.name, run_dir=str(run_dir))
         key = (record["model"], record["samples"], json.dumps(cfg["model"], sort_keys=True))
         groups.setdefault(key, []).append(record)
     if settings is None:
@@ -458,7 +460,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in _table_rows(report["summary"], paper):
-        model = summary.get("model", name) if summary else name
+        model = summary["model"] if summary else name
         ref = paper.get(model)
         if summary is None:
             lines.append(f"| {DISPLAY.get(model, model)} | not run | – | " + " | – | ".join(f"{v:.4f}" for v in ref) + " | – | – |")
@@ -468,7 +470,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             label += f" ({report['variants']['best']})"
         if not summary["all_stopped_early"]:
             label += " †"
-        cells = [label, ", ".join(ROWS.get(s, s) for s in summary.get("samples", []))]
+        cells = [label, ", ".join(ROWS.get(s, s) for s in summary["samples"])]
         for i, metric in enumerate(METRICS):
             cells += [_fmt(summary["test"][metric]), f"{ref[i]:.4f}" if ref else "–"]
         epochs = ", ".join(f"{e} ({b + 1})" for e, b in zip(summary["epochs_run"], summary["best_epoch"]))
@@ -536,9 +538,9 @@ def _table_rows(summary: dict[str, Any], paper: dict[str, Any]) -> list[tuple[st
     of the paper's table that has none ("not run"); entries of other models come last."""
     rows: list[tuple[str, dict[str, Any] | None]] = []
     for model in MODEL_ORDER:
-        mine = [(n, s) for n, s in summary.items() if s.get("model", n) == model]
+        mine = [(n, s) for n, s in summary.items() if s["model"] == model]
         rows += mine or ([(model, None)] if model in paper else [])
-    return rows + [(n, s) for n, s in summary.items() if s.get("model", n) not in MODEL_ORDER]
+    return rows + [(n, s) for n, s in summary.items() if s["model"] not in MODEL_ORDER]
 
 
 def _source_name(ds: dict[str, Any]) -> str:
@@ -692,7 +694,7 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "git": git_commit(),
         "hardware": hardware("cpu"),
         "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
-        "runs": [{k: v for k, v in r.items() if k != "config"} | {"run_dir": str(d)} for r, d in _with_dirs(entries, args.collect)],
+        "runs": [{k: v for k, v in r.items() if k != "config"} for r in records],
         "popularity": records[0]["popularity"],
         "summary": {entry: summarize(rs) for entry, rs in entries.items()},
         "collected": True,
@@ -703,23 +705,18 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if key in DATASET_NOTES:
         report["note"] = DATASET_NOTES[key]
     report["targets"] = _targets(report["summary"], key)
+    markdown = render_markdown(report)
     write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
-    write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
-    print(render_markdown(report))
+    write_text_atomic(args.out.with_suffix(".md"), markdown)
+    print(markdown)
     return 0
-
-
-def _with_dirs(entries: dict[str, list[dict[str, Any]]], run_dirs: list[Path]) -> list[tuple[dict[str, Any], Path]]:
-    """The collected records in table order, each with the directory it came from."""
-    by_name = {d.name: d for d in run_dirs}
-    return [(r, by_name[r["run_name"]]) for rs in entries.values() for r in rs]
 
 
 def _targets(summary: dict[str, Any], key: str | None) -> list[dict[str, Any]]:
     """The issue's targets against the summary (None where the model has no entry)."""
     out = []
     for model, metric, target in TARGETS.get(key or "", []):
-        found = [s for s in summary.values() if s.get("model") == model]
+        found = [s for s in summary.values() if s["model"] == model]
         best = max((s["test"][metric]["mean"] for s in found), default=None)
         out.append({"model": model, "metric": metric, "target": target, "measured": best,
                     "met": None if best is None else best >= target})
