@@ -36,7 +36,10 @@ both replaced atomically after every run, so a long harness shows its progress.
 `--collect RUN_DIR ...` trains nothing: it reads finished runs made elsewhere (`echomamba train
 --config jobs/configs/beauty-<model>.yaml`, a Ray job, another machine) from their `metrics.json`
 and checkpoint configs, checks that they share the dataset and the paper's settings, groups the
-seeds of each model, and writes the same JSON and markdown, with one line per run.
+seeds of each model, and writes the same JSON and markdown, with one line per run. EchoMamba4Rec
+runs with the settings of a study variant (`--set model.combine=concat`, ...) form the variant
+study, as `--variants` does; `--variant-epochs N` compares the variants on the first N epochs of
+each run, for variants capped at N epochs for time beside a default trained to early stopping.
 """
 
 from __future__ import annotations
@@ -91,6 +94,18 @@ ECHO_VARIANTS: dict[str, dict[str, Any]] = {
     "unidirectional": {"bidirectional": False},
 }
 DEFAULT_VARIANT = "sum-last"
+
+
+def echo_variant(model_section: dict[str, Any]) -> str | None:
+    """Which variant of the study an EchoMamba4Rec model section is (None: none of them).
+
+    Only the settings the study varies count; the section may leave defaults out."""
+    from echomamba_dist.models.echomamba4rec import EchoMamba4RecConfig
+
+    varied = {k for overrides in ECHO_VARIANTS.values() for k in overrides}
+    defaults = EchoMamba4RecConfig()
+    differs = {k: model_section[k] for k in varied if k in model_section and model_section[k] != getattr(defaults, k)}
+    return next((name for name, overrides in ECHO_VARIANTS.items() if overrides == differs), None)
 
 PAPER_CITATION = (
     "EchoMamba4Rec paper, Table 2 (HR@10, NDCG@10, MRR@10; Amazon-Beauty and Amazon-Video-Games)"
@@ -234,6 +249,7 @@ def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> di
     latest = latest_checkpoint(run_dir)
     history = read_meta(latest)["history"] if latest else []
     epoch_seconds = [h["epoch_seconds"] for h in history]
+    metric = cfg["train"].get("metric", "ndcg@10")
     model = cfg["model"]["name"]
     samples = cfg["train"].get("samples", "auto")
     return {
@@ -251,6 +267,8 @@ def run_record(run_dir: Path, cfg: dict[str, Any], result: dict[str, Any]) -> di
         "popularity": result["popularity"],
         "seconds_per_epoch": statistics.mean(epoch_seconds) if epoch_seconds else None,
         "train_seconds": sum(epoch_seconds),
+        # validation `metric` after each epoch (for comparing runs at the same epoch budget)
+        "valid_history": [h.get(f"val_{metric}") for h in history],
         "dataset_fingerprint": result["dataset_fingerprint"],
     }
 
@@ -326,18 +344,31 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
             raise SystemExit(f"{run_dir}: a run of the same name was given before it; run names must differ")
         names.add(run_dir.name)
         record.update(run_name=run_dir.name, run_dir=str(run_dir))
+        if record["model"] == "echomamba4rec":
+            record["variant"] = echo_variant(cfg["model"])
         key = (record["model"], record["samples"], json.dumps(cfg["model"], sort_keys=True))
         groups.setdefault(key, []).append(record)
     if settings is None:
         raise SystemExit("--collect: no run directories given")
     settings["epochs"] = max(r["config"]["train"]["epochs"] for rs in groups.values() for r in rs)
 
+    # Entries: a model's name, `model/samples` where one model has runs on both kinds of rows, or
+    # `echomamba4rec/<variant>` for a variant of the study other than the default (as the harness).
     entries: dict[str, list[dict[str, Any]]] = {}
-    by_model = [k[0] for k in groups]
+
+    def study_variant(records: list[dict[str, Any]]) -> str | None:
+        variant = records[0].get("variant")
+        return variant if variant not in (None, DEFAULT_VARIANT) else None
+
+    by_model = [k[0] for k, rs in groups.items() if study_variant(rs) is None]
+    variant_order = list(ECHO_VARIANTS)
     for (model, samples, model_section), records in sorted(
-        groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])
+        groups.items(), key=lambda kv: (_order(kv[0][0]), variant_order.index(study_variant(kv[1]) or DEFAULT_VARIANT), kv[0][1])
     ):
-        name = model if by_model.count(model) == 1 else f"{model}/{samples}"
+        if study_variant(records):
+            name = f"{model}/{study_variant(records)}"
+        else:
+            name = model if by_model.count(model) == 1 else f"{model}/{samples}"
         if name in entries:
             others = ", ".join(r["run_name"] for r in entries[name])
             raise SystemExit(
@@ -380,11 +411,45 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def best_variant(variants: dict[str, dict[str, Any]]) -> str | None:
-    """The variant with the highest mean validation NDCG@10 (ties: the study's order)."""
-    scored = [(s["valid"]["ndcg@10"]["mean"], -i, name) for i, (name, s) in enumerate(variants.items())
-              if s["valid"]["ndcg@10"]["n"]]
+def best_variant(variants: dict[str, dict[str, Any]], *, budget: int | None = None) -> str | None:
+    """The variant with the highest mean validation NDCG@10 (ties: the study's order); with a
+    `budget`, the highest mean of each run's best validation NDCG@10 within its first `budget` epochs."""
+
+    def score(s: dict[str, Any]) -> dict[str, float]:
+        return s["valid_within_budget"] if budget else s["valid"]["ndcg@10"]
+
+    scored = [(score(s)["mean"], -i, name) for i, (name, s) in enumerate(variants.items()) if score(s)["n"]]
     return max(scored)[2] if scored else None
+
+
+def variant_study(runs: dict[str, list[dict[str, Any]] | None], *, budget: int | None = None) -> dict[str, Any]:
+    """The variant study's summary over each variant's runs (seeds), and the variant it chooses.
+
+    With a `budget` (epochs), variants are compared on the best validation NDCG@10 of each run's
+    first `budget` epochs, so runs capped at `budget` for time and runs trained to early stopping
+    stand on equal terms; a run with fewer epochs that did not stop early is refused by name."""
+    summary: dict[str, dict[str, Any]] = {}
+    for variant, records in runs.items():
+        if not records:
+            continue
+        summary[variant] = summarize(records)
+        if budget:
+            within = []
+            for r in records:
+                history = [v for v in r.get("valid_history") or [] if v is not None]
+                if len(history) < budget and not r["stopped_early"]:
+                    raise SystemExit(
+                        f"{r.get('run_name', variant)}: {len(history)} epochs with validation metrics, fewer than "
+                        f"the variant budget of {budget}, and not stopped early; train it for {budget} epochs"
+                    )
+                within.append(max(history[:budget]))
+            summary[variant]["valid_within_budget"] = mean_std(within)
+    best = best_variant(summary, budget=budget)
+    chosen_on = (
+        f"the best validation NDCG@10 of each run's first {budget} epochs, mean over seeds"
+        if budget else "validation NDCG@10, mean over seeds"
+    )
+    return {"summary": summary, "best": best, "chosen_on": chosen_on, "budget_epochs": budget}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +559,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in report["runs"]:
             lines.append(
-                f"| `{r['run_name']}` | {DISPLAY.get(r['model'], r['model'])} | {ROWS.get(r['samples'], r['samples'])} | "
+                f"| `{r['run_name']}` | {DISPLAY.get(r['model'], r['model'])}{_variant_label(r)} | {ROWS.get(r['samples'], r['samples'])} | "
                 f"{r['seed']} | {r['best_epoch'] + 1} / {r['epochs_run']} | {r['valid'].get('ndcg@10', float('nan')):.4f} | "
                 f"{r['train_seconds'] / 60:.1f} |"
             )
@@ -504,21 +569,32 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append("")
     variants = report.get("variants")
     if variants:
+        budget = variants.get("budget_epochs")
+        budget_head = [f"valid NDCG@10, best of epochs 1-{budget}"] if budget else []
+        head = ["Variant", "settings", "epochs run (best)", *budget_head, "valid HR@10", "valid NDCG@10",
+                "test HR@10", "test NDCG@10", "test MRR@10"]
         lines += [
-            "## EchoMamba4Rec variants (chosen on validation NDCG@10)",
+            f"## EchoMamba4Rec variants (chosen on {variants['chosen_on']})",
             "",
-            "| Variant | settings | valid HR@10 | valid NDCG@10 | test HR@10 | test NDCG@10 | test MRR@10 |",
-            "|---|---|---|---|---|---|---|",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
         ]
         for name, summary in variants["summary"].items():
-            mark = " **(best)**" if name == variants["best"] else ""
+            mark = (" †" if not summary["all_stopped_early"] else "") + (" **(best)**" if name == variants["best"] else "")
             settings = ", ".join(f"{k}={v}" for k, v in ECHO_VARIANTS[name].items()) or "defaults"
+            epochs = ", ".join(f"{e} ({b + 1})" for e, b in zip(summary["epochs_run"], summary["best_epoch"]))
+            cells = [f"{name}{mark}", settings, epochs]
+            cells += [_fmt(summary["valid_within_budget"])] if budget else []
+            cells += [_fmt(summary["valid"]["hr@10"]), _fmt(summary["valid"]["ndcg@10"])]
+            cells += [_fmt(summary["test"][m]) for m in METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Only the best variant's test numbers enter the table above; all are shown for completeness."]
+        if budget:
             lines.append(
-                f"| {name}{mark} | {settings} | {_fmt(summary['valid']['hr@10'])} | "
-                f"{_fmt(summary['valid']['ndcg@10'])} | {_fmt(summary['test']['hr@10'])} | "
-                f"{_fmt(summary['test']['ndcg@10'])} | {_fmt(summary['test']['mrr@10'])} |"
+                f"Variants are compared on the first {budget} epochs of every run (those marked † were capped "
+                f"there for time); the other columns are each run's own best epoch."
             )
-        lines += ["", "Only the best variant's test numbers enter the table above; all are shown for completeness.", ""]
+        lines.append("")
     targets = report.get("targets")
     if targets:
         lines += ["## Targets (the issue's, on Amazon-Beauty)", "", "| Model | metric | target | measured | met |",
@@ -531,6 +607,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if paper:
         lines += [f"Paper numbers: {PAPER_CITATION}.", ""]
     return "\n".join(lines)
+
+
+def _variant_label(record: dict[str, Any]) -> str:
+    """` (concat-last)` for a run of a variant other than the default; empty otherwise."""
+    variant = record.get("variant")
+    return f" ({variant})" if variant not in (None, DEFAULT_VARIANT) else ""
 
 
 def _table_rows(summary: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
@@ -579,6 +661,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: tabulate these finished runs (echomamba train, Ray jobs, another machine)",
     )
     parser.add_argument("--note", action="append", default=[], help="with --collect: a note under the table (repeatable)")
+    parser.add_argument(
+        "--variant-epochs", type=int, default=None, metavar="N",
+        help="with --collect: compare the EchoMamba4Rec variants on the best validation NDCG@10 of their "
+        "first N epochs (for variants capped at N epochs for time)",
+    )
     args = parser.parse_args(argv)
     if args.collect is not None:
         return args
@@ -696,7 +783,7 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
         "runs": [{k: v for k, v in r.items() if k != "config"} for r in records],
         "popularity": records[0]["popularity"],
-        "summary": {entry: summarize(rs) for entry, rs in entries.items()},
+        "summary": {entry: summarize(rs) for entry, rs in entries.items() if not entry.startswith("echomamba4rec/")},
         "collected": True,
         "complete": True,
         "notes": args.note,
@@ -704,6 +791,14 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     }
     if key in DATASET_NOTES:
         report["note"] = DATASET_NOTES[key]
+    if any(entry.startswith("echomamba4rec/") for entry in entries):
+        # the variant study: its chosen variant stands in the EchoMamba4Rec row, as in the harness
+        runs = {v: entries.get(f"echomamba4rec/{v}") for v in ECHO_VARIANTS}
+        runs[DEFAULT_VARIANT] = entries.get("echomamba4rec")
+        report["variants"] = study = variant_study(runs, budget=args.variant_epochs)
+        report["summary"]["echomamba4rec"] = study["summary"][study["best"]]
+    elif args.variant_epochs:
+        raise SystemExit("--variant-epochs: no EchoMamba4Rec variant runs among the run directories")
     report["targets"] = _targets(report["summary"], key)
     markdown = render_markdown(report)
     write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
@@ -731,11 +826,9 @@ def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], ar
             v: records.get(f"echomamba4rec/{v}") or (records.get("echomamba4rec") if v == DEFAULT_VARIANT else None)
             for v in ECHO_VARIANTS
         }
-        variant_summary = {v: summarize(rs) for v, rs in variant_runs.items() if rs}
-        best = best_variant(variant_summary)
-        report["variants"] = {"summary": variant_summary, "best": best, "chosen_on": "valid ndcg@10 (mean over seeds)"}
-        if best is not None:
-            summary["echomamba4rec"] = variant_summary[best]
+        report["variants"] = study = variant_study(variant_runs)
+        if study["best"] is not None:
+            summary["echomamba4rec"] = study["summary"][study["best"]]
     report["summary"] = summary
     key = report["paper_dataset"]
     report["targets"] = _targets(summary, key)

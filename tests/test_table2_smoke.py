@@ -153,3 +153,85 @@ def test_collect_tabulates_finished_runs_as_the_harness_did(tmp_path):
     with pytest.raises(SystemExit, match="a run of the same name"):
         t2.main(["--collect", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def _fake_run(root, name, *, model_overrides, history, best_epoch, epochs_cap, patience=1, test_hr=0.05):
+    """A finished run directory as `echomamba train` leaves it: metrics.json and one checkpoint
+    (config.yaml, meta.json with the per-epoch history); no weights, which --collect never reads."""
+    import yaml
+
+    run_dir = root / name
+    ckpt = run_dir / f"epoch_{len(history) - 1:06d}"
+    ckpt.mkdir(parents=True)
+    cfg = {
+        "data": {"path": "/data/prepared/amazon-beauty", "max_len": 50},
+        "model": {"name": "echomamba4rec", "hidden_size": 64, "dropout": 0.2, "combine": "sum", "readout": "last",
+                  "filter": True, "bidirectional": True, **model_overrides},
+        "train": {"epochs": epochs_cap, "patience": patience, "batch_size": 2048, "lr": 0.001, "metric": "ndcg@10",
+                  "seed": 42, "samples": "auto"},
+        "run": {"name": name},
+    }
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    hist = [{"epoch": e, "epoch_seconds": 10.0, "val_ndcg@10": v} for e, v in enumerate(history)]
+    (ckpt / "meta.json").write_text(json.dumps({"history": hist}))
+    best = history[best_epoch]
+    metrics = lambda hr, ndcg: {"hr@10": hr, "ndcg@10": ndcg, "mrr@10": ndcg / 2}  # noqa: E731
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "best_epoch": best_epoch, "epochs_run": len(history), "steps": 10 * len(history),
+        "valid": metrics(2 * best, best), "test": metrics(test_hr, test_hr / 2), "test_users": 100,
+        "popularity": metrics(0.01, 0.005), "dataset_fingerprint": "f00d",
+    }))  # fmt: skip
+    return run_dir
+
+
+def test_collect_variant_study_compares_variants_at_an_epoch_budget(tmp_path):
+    """Variant runs are their own entries; the study picks on full validation NDCG@10, or with
+    --variant-epochs on the first N epochs of each run, and its pick stands in the main row."""
+    t2 = _load_table2()
+    assert t2.echo_variant({"name": "echomamba4rec", "combine": "sum", "readout": "last"}) == "sum-last"
+    assert t2.echo_variant({"combine": "concat", "readout": "last", "filter": True}) == "concat-last"
+    assert t2.echo_variant({"filter": False}) == "no-filter"
+    assert t2.echo_variant({"filter": False, "bidirectional": False}) is None  # not a variant of the study
+
+    # The default trained to early stopping (best epoch 4, patience 1); two variants capped at 2 epochs.
+    default = _fake_run(tmp_path, "beauty-echo", model_overrides={}, history=[0.010, 0.020, 0.030, 0.050, 0.040],
+                        best_epoch=3, epochs_cap=300, test_hr=0.07)
+    concat = _fake_run(tmp_path, "beauty-echo-concat", model_overrides={"combine": "concat"},
+                       history=[0.020, 0.035], best_epoch=1, epochs_cap=2, test_hr=0.06)
+    ends = _fake_run(tmp_path, "beauty-echo-ends", model_overrides={"readout": "ends"},
+                     history=[0.015, 0.025], best_epoch=1, epochs_cap=2, test_hr=0.05)
+    dirs = [str(default), str(concat), str(ends)]
+
+    # On each run's own best validation NDCG@10 the default wins (0.050 against 0.035 and 0.025) ...
+    full = tmp_path / "full.json"
+    assert t2.main(["--collect", *dirs, "--dataset-name", "amazon-beauty", "--out", str(full)]) == 0
+    report = json.loads(full.read_text())
+    assert list(report["variants"]["summary"]) == ["sum-last", "concat-last", "sum-ends"]
+    assert report["variants"]["best"] == "sum-last" and report["variants"]["budget_epochs"] is None
+    assert report["summary"]["echomamba4rec"]["test"]["hr@10"]["mean"] == pytest.approx(0.07)
+    assert not any(name.startswith("echomamba4rec/") for name in report["summary"])
+
+    # ... but within the first 2 epochs concat leads (0.035 against 0.020 and 0.025), and its run
+    # (capped, so marked †) stands in the main table.
+    budget = tmp_path / "budget.json"
+    assert t2.main(["--collect", *dirs, "--variant-epochs", "2", "--dataset-name", "amazon-beauty", "--out", str(budget)]) == 0
+    report = json.loads(budget.read_text())
+    study = report["variants"]
+    assert study["best"] == "concat-last" and study["budget_epochs"] == 2
+    within = {v: s["valid_within_budget"]["mean"] for v, s in study["summary"].items()}
+    assert within == pytest.approx({"sum-last": 0.020, "concat-last": 0.035, "sum-ends": 0.025})
+    assert report["summary"]["echomamba4rec"]["test"]["hr@10"]["mean"] == pytest.approx(0.06)
+    targets = {(t["model"], t["metric"]): t["measured"] for t in report["targets"]}
+    assert targets[("echomamba4rec", "hr@10")] == pytest.approx(0.06)
+    markdown = budget.with_suffix(".md").read_text()
+    assert "| EchoMamba4Rec (concat-last) † | " in markdown
+    assert "| concat-last † **(best)** | combine=concat | 2 (2) | 0.0350 |" in markdown
+    assert "| `beauty-echo-ends` | EchoMamba4Rec (sum-ends) |" in markdown
+
+    # A budget beyond what a capped variant trained is refused by the run's name; so is a budget
+    # with no variants to compare.
+    with pytest.raises(SystemExit, match="beauty-echo-concat: 2 epochs .* fewer than the variant budget of 3"):
+        t2.main(["--collect", *dirs, "--variant-epochs", "3", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--variant-epochs: no EchoMamba4Rec variant runs"):
+        t2.main(["--collect", str(default), "--variant-epochs", "2", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
