@@ -728,11 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             "runner": "echomamba_dist.train.loop.train_per_worker (in process, no Ray)",
             "runs_dir": str(runs_dir),
         },
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware(args.device),
-        "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
+        **provenance(argv, key, device=args.device),
         "runs": [],
         "complete": False,
     }
@@ -776,11 +772,7 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "dataset": {"name": name, "fingerprint": records[0]["dataset_fingerprint"]},
         "paper_dataset": key,
         "settings": {**settings, "seeds": seeds, "runner": "collected from run directories"},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
-        "date": utc_now(),
-        "git": git_commit(),
-        "hardware": hardware("cpu"),
-        "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
+        **provenance(argv, key, device="cpu"),
         "runs": [{k: v for k, v in r.items() if k != "config"} for r in records],
         "popularity": records[0]["popularity"],
         "summary": {entry: summarize(rs) for entry, rs in entries.items() if not entry.startswith("echomamba4rec/")},
@@ -805,6 +797,17 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     write_text_atomic(args.out.with_suffix(".md"), markdown)
     print(markdown)
     return 0
+
+
+def provenance(argv: list[str] | None, key: str | None, *, device: str) -> dict[str, Any]:
+    """The report's command, date, commit, hardware and the paper's numbers for its dataset."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
+        "date": utc_now(),
+        "git": git_commit(),
+        "hardware": hardware(device),
+        "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
+    }
 
 
 def _targets(summary: dict[str, Any], key: str | None) -> list[dict[str, Any]]:
