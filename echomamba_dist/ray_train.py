@@ -331,11 +331,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
     else:
         ray.init(
             num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
-            # The dashboard serves Ray's State API; without it Ray Train's placement-group cleaner
-            # warns about once a second that it cannot query the controller. Port 0: any free port.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=0,
+            include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
         )

@@ -62,8 +62,6 @@ def test_two_workers_train_and_print_the_metrics_table(cli, reference):
     done, metrics = reference
     assert "worker 0/2" in done.stdout and "worker 1/2" in done.stdout
     assert "popularity" in done.stdout and "ndcg@10" in done.stdout and "test users 600" in done.stdout
-    # Ray Train's placement-group cleaner reaches the State API (the local dashboard) without warnings
-    assert "Failed to query Ray Train Controller actor state" not in done.stdout + done.stderr
     assert metrics["epochs_run"] == EPOCHS and metrics["test_users"] == 600
     for epoch in range(EPOCHS):  # rank 0 prints each epoch's line, and it is shown once
         assert len(re.findall(rf"epoch +{epoch}  loss", done.stdout + done.stderr)) == 1, epoch
