@@ -357,8 +357,7 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
     entries: dict[str, list[dict[str, Any]]] = {}
 
     def study_variant(records: list[dict[str, Any]]) -> str | None:
-        variant = records[0].get("variant")
-        return variant if variant not in (None, DEFAULT_VARIANT) else None
+        return other_variant(records[0])
 
     by_model = [k[0] for k, rs in groups.items() if study_variant(rs) is None]
     variant_order = list(ECHO_VARIANTS)
@@ -420,6 +419,12 @@ def best_variant(variants: dict[str, dict[str, Any]], *, budget: int | None = No
 
     scored = [(score(s)["mean"], -i, name) for i, (name, s) in enumerate(variants.items()) if score(s)["n"]]
     return max(scored)[2] if scored else None
+
+
+def variant_runs(entries: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]] | None]:
+    """The runs of each study variant among table entries: `echomamba4rec` is the default's,
+    `echomamba4rec/<variant>` another variant's (the entry names of the harness and --collect)."""
+    return {v: entries.get("echomamba4rec" if v == DEFAULT_VARIANT else f"echomamba4rec/{v}") for v in ECHO_VARIANTS}
 
 
 def variant_study(runs: dict[str, list[dict[str, Any]] | None], *, budget: int | None = None) -> dict[str, Any]:
@@ -609,10 +614,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def other_variant(record: dict[str, Any]) -> str | None:
+    """The study variant of a run record when it is not the default (None: the default, or no
+    variant of the study)."""
+    variant = record.get("variant")
+    return variant if variant not in (None, DEFAULT_VARIANT) else None
+
+
 def _variant_label(record: dict[str, Any]) -> str:
     """` (concat-last)` for a run of a variant other than the default; empty otherwise."""
-    variant = record.get("variant")
-    return f" ({variant})" if variant not in (None, DEFAULT_VARIANT) else ""
+    variant = other_variant(record)
+    return f" ({variant})" if variant else ""
 
 
 def _table_rows(summary: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
@@ -785,9 +797,7 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         report["note"] = DATASET_NOTES[key]
     if any(entry.startswith("echomamba4rec/") for entry in entries):
         # the variant study: its chosen variant stands in the EchoMamba4Rec row, as in the harness
-        runs = {v: entries.get(f"echomamba4rec/{v}") for v in ECHO_VARIANTS}
-        runs[DEFAULT_VARIANT] = entries.get("echomamba4rec")
-        report["variants"] = study = variant_study(runs, budget=args.variant_epochs)
+        report["variants"] = study = variant_study(variant_runs(entries), budget=args.variant_epochs)
         report["summary"]["echomamba4rec"] = study["summary"][study["best"]]
     elif args.variant_epochs:
         raise SystemExit("--variant-epochs: no EchoMamba4Rec variant runs among the run directories")
@@ -825,11 +835,7 @@ def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], ar
     """Aggregate what has run so far and (re)write the JSON and the markdown."""
     summary = {m: summarize(records[m]) for m in args.models if m in records}
     if args.variants:
-        variant_runs = {
-            v: records.get(f"echomamba4rec/{v}") or (records.get("echomamba4rec") if v == DEFAULT_VARIANT else None)
-            for v in ECHO_VARIANTS
-        }
-        report["variants"] = study = variant_study(variant_runs)
+        report["variants"] = study = variant_study(variant_runs(records))
         if study["best"] is not None:
             summary["echomamba4rec"] = study["summary"][study["best"]]
     report["summary"] = summary
