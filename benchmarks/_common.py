@@ -303,7 +303,7 @@ def sample_batches(source, epoch: int, n: int) -> list[tuple[Any, int]]:
     batches = source.batch_indices(epoch)
     if n >= len(batches):
         return [(b, 1) for b in batches]
-    lengths = source.samples["seq_len"]
+    lengths = source.lengths()
     widths = np.array([lengths[b].max() * 1_000_000 + len(b) for b in batches])  # width, then size
     order = np.argsort(widths, kind="stable")
     strata = np.array_split(order, n)
@@ -314,8 +314,8 @@ def padding_stats(source, epoch: int) -> dict[str, float]:
     """Over a whole epoch: real tokens, padded tokens, their fraction, the mean batch width."""
     import numpy as np
 
-    lengths = source.samples["seq_len"]
-    max_len = source.samples["item_seq"].shape[1]
+    lengths = source.lengths()
+    max_len = source.max_len
     real = padded = 0
     widths = []
     for b in source.batch_indices(epoch):
@@ -357,14 +357,14 @@ def time_epoch(
         train_step(model, optimizer, first, autocast_dtype=autocast_dtype, loss_module=loss_module)
     sync(device)
     times, widths, weights = [], [], []
-    lengths = source.samples["seq_len"]
+    lengths = source.lengths()
     for idx, weight in picked:
         t0 = time.perf_counter()
         batch = source.to_batch(idx, device=device)
         train_step(model, optimizer, batch, autocast_dtype=autocast_dtype, loss_module=loss_module)
         sync(device)
         times.append(time.perf_counter() - t0)
-        widths.append(int(lengths[idx].max()) if source.bucketing else int(source.samples["item_seq"].shape[1]))
+        widths.append(int(lengths[idx].max()) if source.bucketing else int(source.max_len))
         weights.append(int(weight))
     total_steps = len(source.batch_indices(epoch))
     return {
@@ -455,12 +455,29 @@ def resolve_data(
     return {"path": str(out)}, _describe(path.stem, out, meta)
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as the reports record it, never an absolute path of this machine: relative to the
+    repository, else to the working directory, else its last two parts (a run's storage
+    directory and its name, as `echomamba train` lays them out: `runs/beauty-sasrec`)."""
+    p = Path(path).expanduser().resolve()
+    for root in (REPO, Path.cwd().resolve()):
+        if p.is_relative_to(root):
+            return str(p.relative_to(root))
+    if p.is_relative_to(REPO.parent):  # beside the checkout, as ../shared/data is
+        return os.path.relpath(p, REPO)
+    return str(Path(*p.parts[-2:]))
+
+
 def _describe(name: str, prepared: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
-    """The report's `dataset` entry: name, prepared directory, source and the dataset's counts."""
+    """The report's `dataset` entry: name, prepared directory, source and the dataset's counts
+    (paths as `shown_path`s)."""
+    source = dict(meta.get("source") or {})
+    if source.get("path"):
+        source["path"] = shown_path(source["path"])
     return {
         "name": name,
-        "prepared": str(prepared) if prepared else None,
-        "source": meta.get("source", {}),
+        "prepared": shown_path(prepared) if prepared else None,
+        "source": source,
         **{k: meta.get(k) for k in ("n_users", "n_items", "n_interactions", "avg_length", "options")},
     }
 
@@ -518,7 +535,8 @@ def build_run(config: dict[str, Any], *, data=None):
     model = build_model(cfg.model, n_items=data.n_items).to(device)
     optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
     source = BatchSource(
-        data.samples, global_batch=cfg.train.batch_size, seed=cfg.train.seed, bucketing=cfg.data.bucketing,
+        data.samples, max_len=cfg.data.max_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+        bucketing=cfg.data.bucketing,
         max_steps=cfg.train.max_steps_per_epoch,
     )  # fmt: skip
     return cfg, data, model, optimizer, source

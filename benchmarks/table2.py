@@ -58,7 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, git_commit, resolve_data, utc_now, write_text_atomic  # noqa: E402
+from _common import REPO, git_commit, resolve_data, shown_path, utc_now, write_text_atomic  # noqa: E402
 from _common import hardware as _hardware  # noqa: E402
 
 MODEL_ORDER = [
@@ -343,7 +343,7 @@ def collect_runs(run_dirs: list[Path]) -> tuple[dict[str, list[dict[str, Any]]],
         if run_dir.name in names:
             raise SystemExit(f"{run_dir}: a run of the same name was given before it; run names must differ")
         names.add(run_dir.name)
-        record.update(run_name=run_dir.name, run_dir=str(run_dir))
+        record.update(run_name=run_dir.name, run_dir=shown_path(run_dir))
         if record["model"] == "echomamba4rec":
             record["variant"] = echo_variant(cfg["model"])
         key = (record["model"], record["samples"], json.dumps(cfg["model"], sort_keys=True))
@@ -738,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples": args.samples,
             "smoke": args.smoke,
             "runner": "echomamba_dist.train.loop.train_per_worker (in process, no Ray)",
-            "runs_dir": str(runs_dir),
+            "runs_dir": shown_path(runs_dir),
         },
         **provenance(argv, key, device=args.device),
         "runs": [],
@@ -811,8 +811,9 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 def provenance(argv: list[str] | None, key: str | None, *, device: str) -> dict[str, Any]:
     """The report's command, date, commit, hardware and the paper's numbers for its dataset."""
+    words = [Path(sys.executable).name, *sys.argv] if argv is None else ["table2.py", *argv]
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "table2.py " + " ".join(argv),
+        "command": " ".join(shown_path(w) if Path(w).is_absolute() else w for w in words),
         "date": utc_now(),
         "git": git_commit(),
         "hardware": hardware(device),

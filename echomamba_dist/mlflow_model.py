@@ -1,33 +1,111 @@
-"""The trained model as an MLflow pyfunc model: load it back from MLflow and score histories.
+"""The trained model as an MLflow pyfunc model: logged, registered, loaded back and served.
 
-Logged at the end of every tracked training run (artifact path `model`): the best checkpoint,
-the item-id vocabulary and this package's source travel with it, so that
+Logged at the end of every tracked training run (artifact path `model`) and registered in the
+MLflow Model Registry: the best checkpoint, the item-id vocabulary and this package's source
+travel with it, so that
 
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    model.predict(pd.DataFrame({"history": [["i3", "i17"], ["i5"]]}))
+    model = mlflow.pyfunc.load_model("models:/<name>@champion")   # or runs:/<run id>/model
+    model.predict(pd.DataFrame({"history": [["i3", "i17"], ["i5"]]}), params={"k": 5})
 
-returns, for each row, the top-k original item ids and their scores. Weights are read with
-`weights_only=True`; nothing is unpickled but the pyfunc wrapper itself, which MLflow requires.
+returns, for each row, the top-k original item ids that are not in the history, with their
+scores (best first). `mlflow models serve -m models:/<name>@champion --env-manager local` serves
+the same over REST (README, "Serving a trained model"). Bad input raises an MlflowException
+with error code INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400
+and the message.
+
+Weights are read with `weights_only=True`; the pyfunc wrapper itself is stored with cloudpickle
+(MLflow's format), so load models only from a store you trust (docs/model_card.md).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ARTIFACT_PATH = "model"
+DEFAULT_K = 10
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A model version in the MLflow Model Registry."""
+
+    name: str
+    version: int
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        """`models:/<name>@<alias>`, else `models:/<name>/<version>`."""
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def _bad_input(message: str):
+    """The error MLflow's scoring server turns into HTTP 400 with `message`."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def parse_histories(model_input: Any, index: dict[str, int]) -> list[list[int]]:
+    """Item-index histories from a pyfunc input: a DataFrame (or a mapping / list of records)
+    with a `history` column holding lists of original item ids, oldest first.
+
+    Raises:
+        MlflowException (INVALID_PARAMETER_VALUE): no `history` column, or a row whose history
+            is not a list of ids, is empty, or holds ids the model does not know (named).
+    """
+    import pandas as pd
+
+    frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if "history" not in frame.columns:
+        raise _bad_input(f"expected a `history` column (lists of item ids, oldest first), got columns {list(frame.columns)}")
+    histories = []
+    for row, history in enumerate(frame["history"]):
+        if isinstance(history, str) or not isinstance(history, (list, tuple, np.ndarray)):
+            raise _bad_input(f"row {row}: history must be a list of item ids, got {type(history).__name__}")
+        tokens = [str(x) for x in history]
+        unknown = [t for t in tokens if t not in index]
+        if unknown:
+            raise _bad_input(f"row {row}: unknown item id(s) {unknown[:5]} (expected ids the model was trained on)")
+        if not tokens:
+            raise _bad_input(f"row {row}: empty history")
+        histories.append([index[t] for t in tokens])
+    return histories
+
+
+def recommend_unseen(loaded, histories: list[list[int]], *, k: int) -> list[tuple[list[int], list[float]]]:
+    """Top-k unseen item indices and scores for each history (best first).
+
+    The model reads the last `max_len` items; every item of the whole history is excluded, also
+    those older than `max_len`. A row has fewer than k items only when the catalogue runs out.
+    """
+    from echomamba_dist.inference import pad_histories, topk_items
+
+    max_len = loaded.config.data.max_len
+    seq, seq_len = pad_histories(histories, max_len)
+    # topk_items excludes what the model sees; ask for enough extra to drop the older items too
+    older = max((len(h) - max_len for h in histories), default=0)
+    top, scores = topk_items(loaded.model, seq, seq_len, k=k + max(older, 0), exclude_history=True)
+    out = []
+    for history, items, values in zip(histories, top, scores):
+        seen = set(history)
+        keep = [(int(i), float(s)) for i, s in zip(items, values) if int(i) not in seen and np.isfinite(s)][:k]
+        out.append(([i for i, _ in keep], [s for _, s in keep]))
+    return out
 
 
 def _python_model_class():
     import mlflow.pyfunc
 
     class EchoMambaRecommender(mlflow.pyfunc.PythonModel):
-        """Input: a DataFrame with a `history` column (lists of original item ids, oldest first)
-        and optionally `k`. Output: a DataFrame with `items` (top-k ids) and `scores`."""
+        """Input: a DataFrame with a `history` column (lists of original item ids, oldest first);
+        param `k` (default 10). Output: a DataFrame with `items` (top-k unseen ids) and `scores`."""
 
         def load_context(self, context) -> None:
             from echomamba_dist.inference import load_model
@@ -39,47 +117,87 @@ def _python_model_class():
         def predict(self, context, model_input, params: dict[str, Any] | None = None):
             import pandas as pd
 
-            from echomamba_dist.inference import pad_histories, topk_items
-
-            k = int((params or {}).get("k", 10))
-            histories = []
-            for row, history in enumerate(model_input["history"]):
-                ids = [self.index[str(x)] for x in history if str(x) in self.index]
-                if not ids:
-                    raise ValueError(f"row {row}: no known item id in history {list(history)[:5]}")
-                histories.append(ids)
-            seq, seq_len = pad_histories(histories, self.loaded.config.data.max_len)
-            top, scores = topk_items(self.loaded.model, seq, seq_len, k=k, exclude_history=True)
-            names = np.asarray(self.item_ids, dtype=object)
-            return pd.DataFrame({"items": [list(names[t]) for t in top], "scores": [list(map(float, s)) for s in scores]})
+            k = (params or {}).get("k", DEFAULT_K)
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise _bad_input(f"params.k: expected an integer >= 1, got {k!r}")
+            histories = parse_histories(model_input, self.index)
+            recs = recommend_unseen(self.loaded, histories, k=int(k))
+            return pd.DataFrame({
+                "items": [[self.item_ids[i] for i in items] for items, _ in recs],
+                "scores": [scores for _, scores in recs],
+            })
 
     return EchoMambaRecommender
 
 
-def log_model(checkpoint_dir: Path, item_ids: list[str]) -> None:
-    """Log the checkpoint as a pyfunc model into the active MLflow run."""
-    import mlflow.pyfunc
+def model_signature():
+    """Inputs: `history`, a list of item ids (optional in the schema, so that a request without it
+    reaches `predict` and gets a 400 naming the column; MLflow answers a missing required column
+    with a 500). Outputs: `items` and `scores`. Param: `k`."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    # inputs are free-form (a `history` column of id lists); `k` is a declared inference param
-    signature = ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("k", "long", 10)]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.string), "history", required=False)]),
+        outputs=Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores")]),
+        params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]),
+    )
+
+
+def input_example(item_ids: list[str]):
+    """Two short histories of real item ids (the first items of the vocabulary)."""
+    import pandas as pd
+
+    ids = [str(x) for x in item_ids[1:4]]
+    return pd.DataFrame({"history": [ids[:2], ids[2:3] or ids[:1]]})
+
+
+def log_model(checkpoint_dir: Path, item_ids: list[str]):
+    """Log the checkpoint as a pyfunc model, with its signature and an input example, into the
+    active MLflow run (artifact path `model`).
+
+    Args:
+        checkpoint_dir: the checkpoint whose best weights are served.
+        item_ids: original item ids by item index (index 0, the padding, is ignored).
+    Returns:
+        MLflow's ModelInfo (its `model_uri` registers the model).
+    """
+    import mlflow.pyfunc
+
     package_dir = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = Path(tmp) / "item_ids.json"
         ids_path.write_text(json.dumps([None, *map(str, item_ids[1:])]))
-        mlflow.pyfunc.log_model(
+        return mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
             python_model=_python_model_class()(),
             artifacts={"checkpoint": str(checkpoint_dir), "item_ids": str(ids_path)},
             code_paths=[str(package_dir)],
             pip_requirements=["torch", "numpy", "pyarrow", "pyyaml", "pandas"],
-            signature=signature,
+            signature=model_signature(),
+            input_example=(input_example(item_ids), {"k": DEFAULT_K}),
         )
 
 
+def register(model_uri: str, name: str, *, alias: str | None = None, tags: dict[str, str] | None = None) -> RegisteredVersion:
+    """Register a logged model as a new version of `name` (created if missing), tagged with
+    `tags`, and point `alias` (if any) at it.
+
+    Raises:
+        MlflowException: the store has no Model Registry, or the name or alias is invalid.
+    """
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return RegisteredVersion(name=name, version=int(version.version), alias=alias)
+
+
 def load_recommender(model_uri: str):
-    """`mlflow.pyfunc.load_model` of a logged recommender (e.g. `runs:/<id>/model`)."""
+    """`mlflow.pyfunc.load_model` of a logged recommender (`models:/<name>@champion`,
+    `models:/<name>/<version>`, `runs:/<id>/model`). Load only from a store you trust."""
     import mlflow.pyfunc
 
     return mlflow.pyfunc.load_model(model_uri)

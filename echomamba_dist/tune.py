@@ -31,7 +31,9 @@ Layout of `tune.storage_path/tune.name/` (the study directory):
 MLflow: one parent run for the study (its configuration, the best validation metric, the best
 trial's test metrics, best.yaml and results.parquet as artifacts) and one child run per trial
 (`mlflow.parentRunId` tag, its sampled parameters, per-epoch metrics with step = epoch, status
-FINISHED or FAILED).
+FINISHED or FAILED). The best trial's model is logged to the parent run and registered as a new
+version of `tracking.registered_model` (default: the study name) with the alias `champion`
+(`tracking.model_alias`), so that `models:/<study name>@champion` always names the winner.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_ID_TAG = "echomamba.trial_id"
 STUDY_TAG = "echomamba.study"
 DRIVER_CPU = 0.001  # what a trial's driver function reserves
+CHAMPION_ALIAS = "champion"  # the registry alias of the study's best model
 
 
 @dataclass(kw_only=True)
@@ -539,6 +542,9 @@ def run_study(
     tracking = TrackingConfig(
         enabled=True, tracking_uri=base_cfg.tracking.resolved_uri(),
         experiment=study.tune.experiment or base_cfg.tracking.experiment,
+        log_model=base_cfg.tracking.log_model, register=base_cfg.tracking.register,
+        registered_model=base_cfg.tracking.registered_model or study.tune.name,
+        model_alias=base_cfg.tracking.model_alias or CHAMPION_ALIAS,
     )
     parent_id = _parent_run(study, tracking)
 
@@ -803,6 +809,8 @@ def summarize(study: Study, results, *, metric: str, parent_id: str, tracking: T
     )
     client.log_artifact(parent_id, str(best_path))
     client.log_artifact(parent_id, str(results_path))
+    registered = register_best_model(Path(best_row["run_dir"]), tracking=tracking, parent_id=parent_id,
+                                     tags={STUDY_TAG: study.tune.name, TRIAL_ID_TAG: best_row["trial_id"]})
     client.set_terminated(parent_id, status="FINISHED")
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("COMPLETED", "STOPPED_EARLY", "ERROR")}
@@ -811,8 +819,38 @@ def summarize(study: Study, results, *, metric: str, parent_id: str, tracking: T
     print(f"best trial {best_row['trial_id']}: {metric} {best_row[metric]:.4f} (epoch {best_row['best_epoch']}); "
           f"its test metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
     print(f"best config: {best_path}  (echomamba train --config {best_path})\nresults: {results_path}")
+    if registered is not None:
+        print(f"best model: {registered.uri} (version {registered.version}); serve it with "
+              f"mlflow models serve -m {registered.uri} --env-manager local")
     return {"best_trial": best_row["trial_id"], "best_config": str(best_path), "results": str(results_path),
-            "test": test, "rows": rows, "parent_run_id": parent_id}
+            "test": test, "rows": rows, "parent_run_id": parent_id,
+            "registered_model": None if registered is None else {"name": registered.name, "version": registered.version,
+                                                                 "alias": registered.alias}}
+
+
+def register_best_model(run_dir: Path, *, tracking: TrackingConfig, parent_id: str, tags: dict[str, str]):
+    """Log the best trial's best weights as a pyfunc model into the study's parent run, register
+    them as a new version of `tracking.registered_model` and move `tracking.model_alias` to it.
+
+    Returns:
+        The RegisteredVersion, or None when `tracking.log_model` or `tracking.register` is off.
+    Raises:
+        MlflowException: the store has no Model Registry (a study needs one to name its winner).
+    """
+    if not (tracking.log_model and tracking.register):
+        return None
+    import mlflow
+
+    from echomamba_dist.data.dataset import load_dataset
+    from echomamba_dist.inference import load_model
+    from echomamba_dist.mlflow_model import log_model, register
+
+    loaded = load_model(run_dir)  # the latest checkpoint carries the best weights so far
+    item_ids = [str(x) for x in load_dataset(loaded.config.data).item_ids]
+    mlflow.set_tracking_uri(tracking.resolved_uri())
+    with mlflow.start_run(run_id=parent_id):
+        info = log_model(loaded.checkpoint_dir, item_ids)
+    return register(info.model_uri, tracking.registered_model, alias=tracking.model_alias, tags=tags)
 
 
 def _complete_child_histories(client, parent_id: str, rows: list[dict[str, Any]], *, metric: str) -> None:

@@ -48,8 +48,71 @@ def test_mlflow_pyfunc_model_scores_like_the_checkpoint(trained):
     top, scores = topk_items(loaded.model, seq, seq_len, k=4)
     assert [list(r) for r in out["items"]] == [[str(ds.item_ids[i]) for i in row] for row in top]
     np.testing.assert_allclose(np.array(out["scores"].tolist()), scores, rtol=1e-6)
-    with pytest.raises(Exception, match="no known item id"):
+    with pytest.raises(Exception, match="unknown item id"):
         model.predict(pd.DataFrame({"history": [["not-an-item"]]}))
+
+
+def test_the_run_registers_its_model_with_a_signature_and_an_input_example(trained):
+    import mlflow
+
+    from echomamba_dist.mlflow_model import load_recommender
+
+    root, uri, cfg = trained
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = mlflow.search_runs(experiment_names=["serving"], output_format="list")[0]
+    [version] = client.search_model_versions("name = 'serve'")  # the run name
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    assert version.tags["echomamba.run"] == "serve"
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info("models:/serve/1")
+    assert info.signature.inputs.input_names() == ["history"]
+    assert info.signature.outputs.input_names() == ["items", "scores"]
+    assert info.signature.params.params[0].name == "k" and info.signature.params.params[0].default == 10
+    local = mlflow.artifacts.download_artifacts("models:/serve/1", dst_path=str(root / "downloaded"))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert example.columns.tolist() == ["history"] and all(len(h) >= 1 for h in example["history"])
+    out = load_recommender(local).predict(example)
+    assert len(out) == len(example) and all(len(items) == 10 for items in out["items"])
+
+
+def test_served_items_are_unseen_also_beyond_max_len(trained):
+    import mlflow
+
+    root, uri, cfg = trained
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/serve/1")
+    ds = load_dataset(experiment_from_dict(cfg).data)
+    ids = [str(x) for x in ds.item_ids]
+    history = ids[1:31]  # 30 items; the model reads the last 10
+    out = model.predict(pd.DataFrame({"history": [history]}), params={"k": 15})
+    items, scores = out["items"][0], out["scores"][0]
+    assert len(items) == 15 and not set(items) & set(history)
+    assert scores == sorted(scores, reverse=True)
+    # the catalogue runs out: 50 items, 30 seen -> 20 left, never a seen one
+    out = model.predict(pd.DataFrame({"history": [history]}), params={"k": 40})
+    assert sorted(out["items"][0]) == sorted(set(ids[1:]) - set(history))
+
+
+@pytest.mark.parametrize(
+    "frame, params, message",
+    [
+        ({"history": [["not-an-item"]]}, None, r"row 0: unknown item id\(s\) \['not-an-item'\]"),
+        ({"history": [[], []]}, None, "row 0: empty history"),
+        ({"items": [["x"]]}, None, "expected a `history` column"),
+        (None, {"k": 0}, "params.k: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_an_invalid_parameter_error_naming_the_row(trained, frame, params, message):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    root, uri, cfg = trained
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/serve/1")
+    first = model.unwrap_python_model().item_ids[1]
+    with pytest.raises(MlflowException, match=message) as err:
+        model.predict(pd.DataFrame(frame or {"history": [[first]]}), params=params)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
 
 
 @pytest.mark.slow

@@ -24,6 +24,18 @@ def _load_table2():
     return module
 
 
+def absolute_paths(report) -> list[str]:
+    """Every string of a report (and word of its command) that is an absolute path."""
+    if isinstance(report, dict):
+        return [p for v in report.values() for p in absolute_paths(v)]
+    if isinstance(report, list):
+        return [p for v in report for p in absolute_paths(v)]
+    if isinstance(report, str):
+        words = (w.lstrip("`'\"(") for w in report.split())
+        return [w for w in words if w.startswith("/") and "/" in w[1:]]  # not a lone "/" of a table
+    return []
+
+
 def _record(seed, hr, ndcg, *, stopped=True):
     metrics = {"hr@10": hr, "ndcg@10": ndcg, "mrr@10": ndcg / 2}
     return {"model": "echomamba4rec", "samples": "prefix", "seed": seed, "test": metrics, "valid": metrics,
@@ -70,6 +82,7 @@ def test_table2_smoke_runs_all_eight_models(tmp_path):
     for name, summary in report["summary"].items():
         assert all(math.isfinite(summary["test"][m]["mean"]) for m in ("hr@10", "ndcg@10", "mrr@10")), name
     assert report["hardware"]["torch"] and "commit" in report["git"] and report["wall_seconds"] > 0
+    assert not absolute_paths(report) and not absolute_paths(out.with_suffix(".md").read_text())
     markdown = out.with_suffix(".md").read_text()
     for label in ("NARM", "GRU4Rec", "SASRec", "BERT4Rec", "Mamba4Rec", "Bi-Mamba4Rec",
                   "Bi-Mambaformer4Rec", "EchoMamba4Rec"):
@@ -208,6 +221,10 @@ def test_collect_variant_study_compares_variants_at_an_epoch_budget(tmp_path):
     report = json.loads(full.read_text())
     assert list(report["variants"]["summary"]) == ["sum-last", "concat-last", "sum-ends"]
     assert report["variants"]["best"] == "sum-last" and report["variants"]["budget_epochs"] is None
+    # paths relative to the repository (or, outside it, the run's storage directory and name)
+    assert [r["run_dir"] for r in report["runs"]] == [f"{tmp_path.name}/{Path(d).name}" for d in dirs]
+    assert not absolute_paths(report) and not absolute_paths(full.with_suffix(".md").read_text())
+    assert t2.shown_path(REPO / "runs" / "beauty-sasrec") == "runs/beauty-sasrec"
     assert report["summary"]["echomamba4rec"]["test"]["hr@10"]["mean"] == pytest.approx(0.07)
     assert not any(name.startswith("echomamba4rec/") for name in report["summary"])
 

@@ -239,6 +239,33 @@ def test_mlflow_holds_the_study_and_one_child_run_per_trial(failing_study):
 
 
 @pytest.mark.slow
+def test_the_best_trials_model_is_the_registered_champion(failing_study):
+    import mlflow
+    import pandas as pd
+
+    from echomamba_dist.data.dataset import load_dataset
+    from echomamba_dist.inference import load_model, pad_histories, topk_items
+
+    tmp_path, study, summary = failing_study
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("study", "champion")  # registered under the study name
+    assert champion.run_id == summary["parent_run_id"]
+    assert champion.tags["echomamba.trial_id"] == summary["best_trial"]
+    assert summary["registered_model"] == {"name": "study", "version": int(champion.version), "alias": "champion"}
+
+    # it scores like the best trial's best weights
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/study@champion")
+    best = load_model(study.study_dir / TRIALS_DIR / f"trial-{summary['best_trial']}")
+    ds = load_dataset(best.config.data)
+    histories = [ds.items[ds.offsets[u] : ds.offsets[u + 1]][-10:] for u in range(4)]
+    out = model.predict(pd.DataFrame({"history": [[str(ds.item_ids[i]) for i in h] for h in histories]}),
+                        params={"k": 5})
+    top, _ = topk_items(best.model, *pad_histories(histories, 10), k=5)
+    assert [list(r) for r in out["items"]] == [[str(ds.item_ids[i]) for i in row] for row in top]
+
+
+@pytest.mark.slow
 def test_best_yaml_trains_as_it_is(failing_study, tmp_path, capsys):
     _, study, _ = failing_study
     rc = main(["train", "--config", str(study.study_dir / "best.yaml"), "--set", "train.epochs=1",

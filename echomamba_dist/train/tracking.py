@@ -1,8 +1,10 @@
 """MLflow tracking for a training run (rank 0 only).
 
-Embedded default: a file store `./mlruns` in the working directory (`mlflow ui` there shows it);
-`MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) points it at a server. A resumed run continues
-the same MLflow run: its id is kept in the run directory.
+Embedded default: a SQLite store `./mlflow.db` with artifacts in `./mlartifacts` (`mlflow ui`
+started there shows it); `MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) points it at a
+server. A resumed run continues the same MLflow run: its id is kept in the run directory. At the
+end, the best model is logged as a pyfunc model and registered in the Model Registry under the
+run name (`tracking.registered_model`), where `mlflow models serve` finds it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,9 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, *, run_dir: Path, run_name: str, enabled: bool = True) -> None:
         self.enabled = cfg.enabled and enabled
         self.log_model = cfg.log_model
+        self.registered_model = (cfg.registered_model or run_name) if cfg.register else None
+        self.model_alias = cfg.model_alias
+        self.registered = None  # the RegisteredVersion that log_final made
         self.run_id: str | None = None
         self._mlflow = None
         if not self.enabled:
@@ -105,7 +111,13 @@ class Tracker:
             self._mlflow.log_metrics(clean, step=step)
 
     def log_final(self, metrics: dict[str, Any], *, checkpoint_dir: Path | None, item_ids: list[str] | None = None) -> None:
-        """Final metrics, metrics.json, the best checkpoint, and (optionally) the pyfunc model."""
+        """Final metrics, metrics.json, the best checkpoint, and (optionally) the pyfunc model,
+        registered as a new version of `tracking.registered_model` (default: the run name).
+
+        When the store refuses the registration (a server without a Model Registry, no
+        permission), the logged model stays in the run (`runs:/<run id>/model` loads it) and one
+        line says why; the finished run does not fail for it.
+        """
         if not self.enabled:
             return
         mlflow = self._mlflow
@@ -118,9 +130,28 @@ class Tracker:
         if checkpoint_dir is not None:
             mlflow.log_artifacts(str(checkpoint_dir), artifact_path="best_checkpoint")
             if self.log_model and item_ids is not None:
-                from echomamba_dist.mlflow_model import log_model
+                self.registered = self._log_model(checkpoint_dir, item_ids)
 
-                log_model(checkpoint_dir, item_ids)
+    def _log_model(self, checkpoint_dir: Path, item_ids: list[str]):
+        from mlflow.exceptions import MlflowException
+
+        from echomamba_dist.mlflow_model import log_model, register
+
+        info = log_model(checkpoint_dir, item_ids)
+        if self.registered_model is None:
+            return None
+        run_name = self._mlflow.get_run(self.run_id).info.run_name or ""
+        try:
+            registered = register(info.model_uri, self.registered_model, alias=self.model_alias,
+                                  tags={"echomamba.run": run_name, "echomamba.version": __version__})
+        except MlflowException as exc:  # the run's model is logged: say why, do not fail the run
+            print(f"MLflow: the model was logged (runs:/{self.run_id}/model) but not registered as "
+                  f"{self.registered_model!r}: {exc.message.splitlines()[0]}", file=sys.stderr, flush=True)
+            return None
+        print(f"MLflow: registered model {registered.name!r} version {registered.version} "
+              f"(models:/{registered.name}/{registered.version}"
+              f"{f', {registered.uri}' if registered.alias else ''})", flush=True)
+        return registered
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
