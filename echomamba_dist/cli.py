@@ -8,6 +8,7 @@ dataset through Ray Train on a local Ray, ending with a metrics table. Errors a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from echomamba_dist import __version__
 from echomamba_dist.config import ConfigError, load_config, to_dict
-from echomamba_dist.errors import CheckpointError, DataError, WorkerError
+from echomamba_dist.errors import CheckpointError, DataError, NonFiniteScores, TrainingDiverged, WorkerError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -55,17 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset directory (default: the one trained on)")
     p.add_argument("--split", choices=["valid", "test"], help="default: test")
     p.add_argument("--exclude-history", action="store_true", default=None, help="mask history items when ranking")
+    p.add_argument("--ignore-fingerprint", action="store_true", default=None,
+                   help="score a dataset other than the one trained on (same item count)")
     p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output (a report it wrote)")
 
     p = sub.add_parser("recommend", help="top-K items for users of a prepared dataset, or for one history")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory or run directory")
     p.add_argument("--data", help="prepared dataset directory (default: the one trained on)")
     p.add_argument("--output", help="Parquet file for all users' recommendations")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output (recommendations it wrote)")
     p.add_argument("--history", help="inline history of original item ids, oldest first, space-separated")
     p.add_argument("--users", help="comma-separated original user ids (default: all users)")
     p.add_argument("-k", "--top-k", type=int, help="default: 10")
     p.add_argument("--include-history", action="store_true", default=None, help="allow items the user already has")
+    p.add_argument("--ignore-fingerprint", action="store_true", default=None,
+                   help="recommend on a dataset other than the one trained on (same item count)")
     p.add_argument("--ray", action="store_true", default=None, help="score all users on Ray Data with a pool of actors; --output is a directory")
     p.add_argument("--actors", type=int, help="model-holding actors (with --ray; default 2)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per actor (with --ray)")
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             "models": cmd_models,
             "tune": cmd_tune,
         }[command](args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"echomamba {command}: error: {exc}", file=sys.stderr)
         return 2
     except WorkerError as exc:
@@ -157,18 +164,30 @@ def format_result(result: dict[str, Any], *, run_dir: Path | None = None) -> str
     return "\n".join(lines)
 
 
-def _eval_data(loaded, data_path: str | None):
+def _check_dataset(loaded, *, n_items: int, fingerprint: str, data_name: str, ignore_fingerprint: bool) -> None:
+    """Refuse a dataset other than the checkpoint's: another item count always, other sequences
+    (dataset fingerprint) unless `ignore_fingerprint`. Raises CheckpointError."""
+    if n_items != int(loaded.meta["n_items"]):
+        raise CheckpointError(
+            f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, but {data_name} has {n_items}"
+        )
+    trained = loaded.meta.get("dataset_fingerprint")  # absent in checkpoints of old versions
+    if trained is not None and trained != fingerprint and not ignore_fingerprint:
+        raise CheckpointError(
+            f"{loaded.checkpoint_dir}: trained on dataset fingerprint {trained}, but {data_name} has {fingerprint} "
+            f"(the same {n_items} items, other sequences); pass --ignore-fingerprint to use it anyway"
+        )
+
+
+def _eval_data(loaded, data_path: str | None, *, ignore_fingerprint: bool = False):
     from echomamba_dist.train.loop import build_training_data
 
     cfg = loaded.config
     if data_path is not None:
         cfg.data.path = data_path
     data = build_training_data(cfg, cfg.sample_mode, with_samples=False)  # valid/test only
-    if data.n_items != int(loaded.meta["n_items"]):
-        raise CheckpointError(
-            f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, "
-            f"but {cfg.data.path or 'the synthetic dataset'} has {data.n_items}"
-        )
+    _check_dataset(loaded, n_items=data.n_items, fingerprint=data.fingerprint,
+                   data_name=cfg.data.path or "the synthetic dataset", ignore_fingerprint=ignore_fingerprint)
     return data
 
 
@@ -177,41 +196,78 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from echomamba_dist.config import EvaluateConfig, load_command_config
     from echomamba_dist.inference import load_model
+    from echomamba_dist.io import check_output_file, write_json_atomic
     from echomamba_dist.train.evaluate import evaluate_model
-    from echomamba_dist.train.loop import write_json_atomic
 
-    flags = {k: getattr(args, k) for k in ("checkpoint", "data", "split", "exclude_history", "output")}
+    flags = {k: getattr(args, k) for k in (
+        "checkpoint", "data", "split", "exclude_history", "output", "ignore_fingerprint", "overwrite")}
     job = load_command_config(EvaluateConfig, args.config, args.overrides, flags)
-    loaded = load_model(job.checkpoint)
-    data = _eval_data(loaded, job.data)
-    split = data.test if job.split == "test" else data.valid
-    metrics = evaluate_model(
-        loaded.model, split, ks=loaded.config.train.ks, batch_size=loaded.config.train.eval_batch_size,
-        device=torch.device("cpu"), exclude_history=job.exclude_history,
-    )
-    report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, **metrics}
-    print(json.dumps(report, indent=2))
+    report_file = {"overwrite": job.overwrite, "owned": _is_evaluate_report, "what": "metrics report"}
     if job.output is not None:
-        write_json_atomic(Path(job.output), report, sort_keys=False)  # the same text as printed
+        check_output_file(job.output, **report_file)  # before any work
+    loaded = load_model(job.checkpoint)
+    data = _eval_data(loaded, job.data, ignore_fingerprint=job.ignore_fingerprint)
+    split = data.test if job.split == "test" else data.valid
+    with _naming_checkpoint(loaded):
+        metrics = evaluate_model(
+            loaded.model, split, ks=loaded.config.train.ks, batch_size=loaded.config.train.eval_batch_size,
+            device=torch.device("cpu"), exclude_history=job.exclude_history,
+        )
+    report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, **metrics}
+    if job.output is not None:
+        write_json_atomic(job.output, report, sort_keys=False, **report_file)  # the same text as printed
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def _is_evaluate_report(path: Path) -> bool:
+    """Whether `path` is a metrics report `echomamba evaluate --output` wrote (which it may replace)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"checkpoint", "split", "count"} <= set(report)
+
+
+@contextlib.contextmanager
+def _naming_checkpoint(loaded):
+    """NonFiniteScores raised inside the block name the checkpoint that scored them."""
+    try:
+        yield
+    except NonFiniteScores as exc:
+        raise NonFiniteScores(f"{loaded.checkpoint_dir}: {exc}") from None
+
+
+def _note(command: str, message: str) -> None:
+    """A line on stderr about a result that is not quite what was asked (the command succeeded)."""
+    print(f"echomamba {command}: note: {message}", file=sys.stderr)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from echomamba_dist.config import RecommendConfig, load_command_config
-    from echomamba_dist.data.dataset import load_dataset
+    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
     from echomamba_dist.inference import load_model, pad_histories, topk_items
 
     flags = {k: getattr(args, k) for k in (
-        "checkpoint", "data", "output", "history", "top_k", "include_history", "ray", "actors", "gpu")}
+        "checkpoint", "data", "output", "history", "top_k", "include_history", "ray", "actors", "gpu",
+        "ignore_fingerprint", "overwrite")}
     flags["users"] = args.users.split(",") if args.users else None
     job = load_command_config(RecommendConfig, args.config, args.overrides, flags)
+    if job.output is not None:  # before any work
+        from echomamba_dist.io import check_output_dir, check_output_file
+        from echomamba_dist.serving import is_recommendations_dir, is_recommendations_file
+
+        if job.ray:
+            check_output_dir(job.output, overwrite=job.overwrite, owned=is_recommendations_dir, what="recommendations directory")
+        else:
+            check_output_file(job.output, overwrite=job.overwrite, owned=is_recommendations_file, what="recommendations file")
     loaded = load_model(job.checkpoint)
     cfg = loaded.config
     if job.data is not None:
         cfg.data.path = job.data
     ds = load_dataset(cfg.data)
-    if ds.n_items != int(loaded.meta["n_items"]):
-        raise CheckpointError(f"{loaded.checkpoint_dir}: trained on {loaded.meta['n_items']} items, dataset has {ds.n_items}")
+    _check_dataset(loaded, n_items=ds.n_items, fingerprint=dataset_fingerprint(ds),
+                   data_name=cfg.data.path or "the synthetic dataset", ignore_fingerprint=job.ignore_fingerprint)
     item_ids = [str(x) for x in ds.item_ids]
     if job.history is not None:
         index = {item_ids[i]: i for i in range(1, len(item_ids))}
@@ -220,18 +276,34 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if unknown or not tokens:
             raise DataError(f"history: unknown item id(s) {unknown[:5]} (expected original ids of the dataset)" if unknown else "history: empty")
         seq, seq_len = pad_histories([[index[t] for t in tokens]], cfg.data.max_len)
-        top, scores = topk_items(loaded.model, seq, seq_len, k=job.top_k, exclude_history=not job.include_history)
-        for r, (i, s) in enumerate(zip(top[0], scores[0]), start=1):
+        with _naming_checkpoint(loaded):
+            top, scores = topk_items(loaded.model, seq, seq_len, k=job.top_k, exclude_history=not job.include_history)
+        found = [(i, s) for i, s in zip(top[0], scores[0]) if i > 0]
+        for r, (i, s) in enumerate(found, start=1):
             print(f"{r:3d}  {item_ids[i]}  {s:.4f}")
+        if len(found) < job.top_k:
+            seen = f", less the {ds.n_items - len(found)} in the history" if not job.include_history else ""
+            _note("recommend", f"returned {len(found)} of {job.top_k} items: the dataset has {ds.n_items} items{seen}")
         return 0
-    from echomamba_dist.serving import recommend_on_ray, recommend_users, write_recommendations
+    from echomamba_dist.serving import available_items, recommend_on_ray, recommend_users, write_recommendations
+
+    def note_short(users) -> None:
+        short = available_items(ds, users, max_len=cfg.data.max_len, exclude_history=not job.include_history) < job.top_k
+        if short.any():
+            seen = ", less those in their history" if not job.include_history else ""
+            _note("recommend", f"{int(short.sum())} of {len(users)} users got fewer than {job.top_k} items: "
+                               f"the dataset has {ds.n_items} items{seen}")
 
     if job.ray:
-        n = recommend_on_ray(
-            loaded.checkpoint_dir, ds, job.output, k=job.top_k, exclude_history=not job.include_history,
-            num_actors=job.actors, use_gpu=job.gpu,
-        )
+        with _naming_checkpoint(loaded):
+            n = recommend_on_ray(
+                loaded.checkpoint_dir, ds, job.output, k=job.top_k, exclude_history=not job.include_history,
+                num_actors=job.actors, use_gpu=job.gpu, overwrite=job.overwrite,
+            )
         print(f"wrote top-{job.top_k} recommendations for {n} users to {job.output}/ (Ray Data, {job.actors} actors)")
+        import numpy as np
+
+        note_short(np.flatnonzero(np.diff(ds.offsets) > 0))  # the users it scored
         return 0
 
     user_ids = [str(u) for u in ds.user_ids]
@@ -243,9 +315,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         users = [pos[u] for u in job.users]
     else:
         users = list(range(len(user_ids)))
-    table = recommend_users(loaded, ds, users, k=job.top_k, exclude_history=not job.include_history)
-    write_recommendations(table, job.output)
+    with _naming_checkpoint(loaded):
+        table = recommend_users(loaded, ds, users, k=job.top_k, exclude_history=not job.include_history)
+    write_recommendations(table, job.output, overwrite=job.overwrite)
     print(f"wrote top-{job.top_k} recommendations for {len(users)} users to {job.output}")
+    note_short(users)
     return 0
 
 

@@ -11,6 +11,7 @@ dataclass (see `echomamba_dist.models.registry`) parses the remaining keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -82,6 +83,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: take it as the number meant
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -264,8 +273,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
             raise ConfigError(f"patience: must be >= 0, got {self.patience}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # nan and inf train nothing
+            raise ConfigError(f"lr: must be a finite number > 0, got {self.lr}")
+        if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):  # NaN fails too
+            raise ConfigError(f"grad_clip: must be > 0 (or null: no clipping), got {self.grad_clip}")
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
@@ -312,6 +323,20 @@ class TrackingConfig:
     tracking_uri: str | None = None  # e.g. http://127.0.0.1:5000; None: env or embedded store
     experiment: str = "echomamba"  # MLflow experiment name
     log_model: bool = True  # log the best model as an MLflow pyfunc model at the end
+    register: bool = True  # register that model in the MLflow Model Registry (with log_model)
+    registered_model: str | None = None  # its registry name; None: the run name (a tune study: the study name)
+    model_alias: str | None = None  # alias set on the new version, e.g. champion (a tune study always sets champion)
+
+    def __post_init__(self) -> None:
+        if self.registered_model is not None and (not self.registered_model.strip() or set("/:") & set(self.registered_model)):
+            raise ConfigError(f"tracking.registered_model: expected a name without '/' or ':', got {self.registered_model!r}")
+        alias = self.model_alias
+        if alias is not None and (  # MLflow reserves `latest` and `v<N>` (version numbers)
+            not alias.replace("-", "_").isidentifier() or alias.lower() == "latest"
+            or (alias[:1] == "v" and alias[1:].isdigit())
+        ):
+            raise ConfigError(f"tracking.model_alias: expected letters, digits, '_' or '-', not 'latest' or v<N>, "
+                              f"got {self.model_alias!r}")
 
     def resolved_uri(self) -> str:
         if self.tracking_uri:
@@ -362,6 +387,12 @@ class ExperimentConfig:
         if self.train.samples != "auto" and self.train.samples not in supported:
             raise ConfigError(
                 f"train.samples: {self.model_name} trains on {' or '.join(supported)} samples, not {self.train.samples}"
+            )
+        model_max_len = getattr(self.model, "max_len", None)  # models with position embeddings or filters
+        if model_max_len is not None and self.data.max_len > model_max_len:
+            raise ConfigError(
+                f"data.max_len: {self.data.max_len} exceeds model.max_len={model_max_len} (the longest input "
+                f"{self.model_name} takes); lower data.max_len or raise model.max_len"
             )
 
 
@@ -452,6 +483,8 @@ class EvaluateConfig:
     split: Literal["valid", "test"] = "test"
     exclude_history: bool = False  # mask the user's history items when ranking
     output: str | None = None  # JSON file for the metrics (written atomically); None: printed only
+    overwrite: bool = False  # replace an existing output, if it is a metrics report this project wrote
+    ignore_fingerprint: bool = False  # score a dataset other than the one trained on (same item count)
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -469,10 +502,12 @@ class RecommendConfig:
     checkpoint: str = ""  # checkpoint directory, or a run directory (its best checkpoint); required
     data: str | None = None  # prepared dataset directory; None: the one the checkpoint trained on
     output: str | None = None  # Parquet file; with `ray`, a directory of Parquet files
+    overwrite: bool = False  # replace an existing output, if it holds recommendations this project wrote
     history: str | None = None  # original item ids, oldest first, space-separated
     users: list[str | int] | None = None  # original user ids; None: every user of the dataset
     top_k: int = 10
     include_history: bool = False  # allow items the user already interacted with
+    ignore_fingerprint: bool = False  # recommend on a dataset other than the one trained on (same item count)
     ray: bool = False  # score on Ray Data with a pool of model-holding actors
     actors: int = 2  # actors in the pool (with `ray`)
     gpu: bool = False  # one GPU per actor (with `ray`)

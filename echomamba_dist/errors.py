@@ -14,3 +14,19 @@ class CheckpointError(RuntimeError):
 
 class WorkerError(RuntimeError):
     """Training failed on a Ray worker; the message holds the worker's exception and traceback."""
+
+
+class OutputError(DataError):
+    """An output path that cannot be written as asked: it exists (without --overwrite), it is
+    not something this project wrote (with --overwrite), it is a directory where a file is
+    expected or the reverse, or its directory cannot be created or written."""
+
+
+class NonFiniteScores(CheckpointError):
+    """A model scored items with NaN or infinity (diverged weights): no metric or recommendation
+    is made from such scores."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite validation scores; the message names the
+    epoch and step and what to change. No checkpoint of the diverged state is written."""

@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from echomamba_dist.config import ExperimentConfig, experiment_from_dict
-from echomamba_dist.errors import CheckpointError
-from echomamba_dist.train.checkpoint import latest_checkpoint, read_config, read_meta, read_state
+from echomamba_dist.config import ConfigError, ExperimentConfig, experiment_from_dict
+from echomamba_dist.errors import CheckpointError, NonFiniteScores
+from echomamba_dist.train.checkpoint import (
+    CONFIG_FILE,
+    META_FILE,
+    Checkpoint,
+    newest_intact,
+    read_checkpoint,
+    run_checkpoints,
+)
 
 
 @dataclass
@@ -30,13 +37,22 @@ class LoadedModel:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, given either one or a run directory (its newest checkpoint)."""
+    """A checkpoint directory, given either one or a run directory (its newest intact checkpoint:
+    a corrupt newer one is skipped with a warning).
+
+    Raises:
+        CheckpointError: no such path, no checkpoint there, or none of them intact.
+    """
+    return _read(path).directory
+
+
+def _read(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run directory")
-    if (p / "meta.json").is_file():
-        return p
-    found = latest_checkpoint(p)
+    if (p / META_FILE).is_file():  # a checkpoint named explicitly: that one, or an error
+        return read_checkpoint(p, map_location=map_location)
+    found = newest_intact(run_checkpoints(p), map_location=map_location)
     if found is None:
         raise CheckpointError(f"{p}: neither a checkpoint nor a run directory with checkpoints")
     return found
@@ -50,16 +66,22 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", b
     """
     from echomamba_dist.models.registry import build_model
 
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    cfg = experiment_from_dict(read_config(ckpt))
-    state = read_state(ckpt, map_location=device)
+    found = _read(path, map_location=device)
+    ckpt, meta, state = found.directory, found.meta, found.state
+    try:
+        cfg = experiment_from_dict(found.config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {exc}") from None
     weights = state.get("best_model") if best and state.get("best_model") is not None else state["model"]
-    model = build_model(cfg.model, n_items=int(meta["n_items"]))
+    n_items = meta.get("n_items")
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
+        raise CheckpointError(f"{ckpt / META_FILE}: n_items: expected a positive item count, got {n_items!r}")
+    model = build_model(cfg.model, n_items=n_items)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt}: weights do not fit model {cfg.model_name}: {exc}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt}: weights do not fit model {cfg.model_name}: {first}") from None
     model.to(device).eval()
     return LoadedModel(model=model, config=cfg, meta=meta, checkpoint_dir=ckpt)
 
@@ -86,10 +108,16 @@ def topk_items(
     batch_size: int = 4096,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k item indices (n, k) and their scores (n, k) for right-padded histories.
+    """Top-k item indices and their scores for right-padded histories.
 
-    The padding item never appears; with `exclude_history`, items already in the history are
-    not recommended again.
+    The padding item is never recommended; with `exclude_history`, items already in the history
+    are not recommended again. A row with fewer than k such items is filled up with item 0 and
+    score -inf (the arrays are k' = min(k, n_items) wide); callers drop those places.
+
+    Returns:
+        (n, k') int64 item indices, best first, and (n, k') float32 scores.
+    Raises:
+        NonFiniteScores: the model scores some history with NaN or infinity (diverged weights).
     """
     device = torch.device(device)
     out_items, out_scores = [], []
@@ -98,11 +126,19 @@ def topk_items(
         width = max(int(lens.max()), 1)
         seq = torch.from_numpy(item_seq[start : start + batch_size, :width]).to(device)
         scores = model.score_all(seq, lens).float()  # (B, n_items + 1)
+        bad = int((~torch.isfinite(scores[:, 1:])).any(dim=1).sum())
+        if bad:
+            raise NonFiniteScores(
+                f"the model scores {bad} of {len(lens)} histories with NaN or infinity (diverged weights); "
+                f"no recommendation is made from such scores"
+            )
         scores[:, 0] = float("-inf")
         if exclude_history:
             scores.scatter_(1, seq, float("-inf"))
             scores[:, 0] = float("-inf")
         top = torch.topk(scores, k=min(k, scores.shape[1] - 1), dim=1)
-        out_items.append(top.indices.cpu().numpy())
+        # every real score is finite: -inf marks places past the row's candidates
+        indices = top.indices.masked_fill(top.values == float("-inf"), 0)
+        out_items.append(indices.cpu().numpy())
         out_scores.append(top.values.cpu().numpy())
     return np.concatenate(out_items), np.concatenate(out_scores)

@@ -3,20 +3,22 @@
 The loop is not duplicated here: `RaySession` gives it rank, world size, a device, DDP, the metric
 all-reduce, checkpoint restore/report and its training batches; `fit` builds the TorchTrainer.
 
-Data on Ray: the prepared dataset's training parts become samples on Ray Data (a `map_batches` of
-the pure sample functions over blocks of users, prefix or all-positions as the model needs), each
-row tagged with its `sample_id`, its position in the single-process sample order. The dataset is
-handed to the trainer as "train" and read in one of two ways (`train.data_sharding`):
+Data on Ray: Ray Data ships the training parts as CSR shards, one row a user (`user`, its 0-based
+index, and `items`, its training part), about 8 bytes an interaction; never (samples, max_len)
+matrices. Each worker turns what it reads into `Windows` (`data.splits`) and cuts every batch's
+rows out when it builds the batch. The dataset is handed to the trainer as "train" and read in one
+of two ways (`train.data_sharding`):
 
-- "exact" (default): the dataset is materialised once; every worker reads all of it through
-  `get_dataset_shard`, puts it in sample-id order, and takes its exact slice of every globally
-  shuffled batch (`BatchSource`, seeded by (seed, epoch)). One worker on a whole batch and two on
-  its halves see the same samples, and a run restarted from a checkpoint replays exactly the
-  batches of an uninterrupted run.
-- "ray": Ray splits the dataset across the workers (`streaming_split(equal=True)`), and each
-  reads its shard with `iter_torch_batches(batch_size=global // world)` and a local shuffle seeded
-  by (seed, epoch). Memory per worker no longer grows with the sample count, but which samples a
-  worker gets is decided at run time, so the order is not reproducible.
+- "exact" (default): every worker reads all users through `get_dataset_shard`, puts them in user
+  order, and takes its exact slice of every globally shuffled batch (`BatchSource`, seeded by
+  (seed, epoch)): the batches of a run in one process. One worker on a whole batch and two on its
+  halves see the same samples, and a run restarted from a checkpoint replays exactly the batches
+  of an uninterrupted run.
+- "ray": Ray splits the users across the workers (`streaming_split(equal=True)`); each epoch a
+  worker reads its users, builds their windows and shuffles them by (seed, epoch, rank) into
+  batches of global // world. Memory per worker follows its share of the log, but which users a
+  worker gets is decided at run time, so the order is not reproducible; ranks agree on the
+  smallest batch count of the epoch (DDP needs equal steps) and drop the rest.
 
 Resources on a small machine: a local Ray gets one more logical CPU than the training workers
 take, so Ray Data always has a CPU of its own (see docs/distributed.md).
@@ -40,12 +42,16 @@ import numpy as np
 import torch
 
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict
-from echomamba_dist.errors import WorkerError
+from echomamba_dist.data.splits import Windows, build_windows
+from echomamba_dist.errors import TrainingDiverged, WorkerError
+from echomamba_dist.io import write_text_atomic
+from echomamba_dist.train.checkpoint import check_resume, newest_intact, run_checkpoints
 from echomamba_dist.train.loop import METRICS_FILE, BatchSource, train_per_worker
+from echomamba_dist.train.runlock import RunLock
 from echomamba_dist.train.tracking import metric_key
 
 TRAIN_DATASET = "train"
-SAMPLE_COLUMNS = ("item_seq", "seq_len", "target")
+DIVERGED_MARKER = ".diverged"  # in the run directory while one fit's workers found it diverged
 
 
 
@@ -108,10 +114,12 @@ class RaySession:
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            yield None
+            yield []
             return
+        # the older checkpoints on disk are the fallbacks when the offered one is corrupt
+        older = [p for p in run_checkpoints(self.cfg.run.run_dir) if p.name < Path(ckpt.path).name]
         with ckpt.as_directory() as d:
-            yield Path(d)
+            yield [Path(d), *older]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None:
         import shutil
@@ -129,49 +137,68 @@ class RaySession:
         else:
             ray.train.report(clean)
 
-    def batch_source(self, samples: dict[str, np.ndarray], **kwargs: Any):
-        """This worker's training batches: an exact slice of each global batch, or a Ray shard."""
+    def batch_source(self, samples: Windows | None, **kwargs: Any):
+        """This worker's training batches: an exact slice of each global batch, or a Ray shard.
+
+        `samples` is None (`local_samples` is False): the users come from the "train" dataset.
+        """
         import ray.train
 
         shard = ray.train.get_dataset_shard(TRAIN_DATASET)
         if shard is None:
             raise RuntimeError(f"the trainer was given no {TRAIN_DATASET!r} dataset (see build_train_dataset)")
+        mode = self.cfg.sample_mode
         if self.cfg.train.data_sharding == "ray":
             if self.train_samples is None:
                 raise RuntimeError("data_sharding=ray needs the number of training samples")
             return RayShardSource(
-                shard, n_samples=self.train_samples, rank=self.rank, world_size=self.world_size, **kwargs
+                shard, mode=mode, n_samples=self.train_samples, rank=self.rank, world_size=self.world_size, **kwargs
             )
-        return BatchSource(read_all_samples(shard), rank=self.rank, world_size=self.world_size, **kwargs)
+        offsets, items = read_csr(shard, complete=True)
+        return BatchSource(build_windows(offsets, items, mode), rank=self.rank, world_size=self.world_size, **kwargs)
 
 
-def read_all_samples(shard) -> dict[str, np.ndarray]:
-    """Read a whole (unsplit) samples dataset into arrays in sample-id order.
+def read_csr(shard, *, complete: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Read users' training parts (rows `user`, `items`) into CSR arrays in user order.
 
+    Args:
+        shard: a Ray Dataset, DataIterator or anything with that `iter_batches`.
+        complete: the rows must be exactly the users 0..U-1 (the whole dataset).
+    Returns:
+        offsets int64 (n + 1,), items int64 (offsets[-1],); row i is the i-th smallest user.
     Raises:
-        RuntimeError: the dataset is empty or its sample ids are not exactly 0..S-1.
+        RuntimeError: `complete` and the rows are empty, or not exactly the users 0..U-1.
     """
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=65536, batch_format="numpy"):
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(v)
-    if not parts:
-        raise RuntimeError("the training dataset handed to this worker is empty")
-    cols = {k: np.concatenate(v) for k, v in parts.items()}
-    ids = cols.pop("sample_id")
-    order = np.argsort(ids, kind="stable")
-    if not np.array_equal(ids[order], np.arange(len(ids))):
-        raise RuntimeError("the training dataset's sample ids are not 0..S-1: samples were lost or repeated")
-    return {k: np.ascontiguousarray(cols[k][order]) for k in SAMPLE_COLUMNS}
+    users, lengths, values = [], [], []
+    for batch in shard.iter_batches(batch_size=65536, batch_format="pyarrow"):
+        column = batch.column("items").combine_chunks()
+        users.append(np.asarray(batch.column("user"), dtype=np.int64))
+        lengths.append(np.diff(np.asarray(column.offsets, dtype=np.int64)))
+        values.append(np.asarray(column.flatten(), dtype=np.int64))
+    if not users:
+        if complete:
+            raise RuntimeError("the training dataset handed to this worker is empty")
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    user, length, flat = np.concatenate(users), np.concatenate(lengths), np.concatenate(values)
+    del users, lengths, values
+    order = np.argsort(user, kind="stable")
+    if complete and not np.array_equal(user[order], np.arange(len(user))):
+        raise RuntimeError("the training dataset's users are not 0..U-1: users were lost or repeated")
+    offsets = np.r_[0, np.cumsum(length[order])].astype(np.int64)
+    if np.array_equal(order, np.arange(len(order))):
+        return offsets, flat  # read in user order already (the usual case)
+    starts = np.cumsum(length) - length  # where each row's items begin in `flat`
+    gather = np.repeat(starts[order] - offsets[:-1], length[order]) + np.arange(offsets[-1])
+    return offsets, flat[gather]
 
 
 class RayShardSource:
-    """Training batches from this worker's part of a dataset that Ray splits across workers.
+    """Training batches from the users that Ray's streaming split gives this worker.
 
-    `streaming_split(equal=True)` gives every worker `n_samples // world_size` rows (dropping at
-    most world_size - 1 per epoch), so all ranks take the same number of steps, as DDP needs.
-    Each epoch reads the shard in batches of `global_batch // world_size` with a local shuffle
-    seeded by (seed, epoch). With `bucketing`, each batch is trimmed to its longest sequence.
+    Each epoch reads this worker's users (CSR), builds their windows and batches them with a
+    `BatchSource` of `global_batch // world_size` rows seeded by (seed, rank). Equal user counts
+    need not mean equal sample counts, so the ranks agree on the smallest batch count (one
+    all-reduce an epoch) and each drops what it holds beyond it: DDP needs equal steps.
     Same interface as `BatchSource` (`steps_per_epoch`, `epoch`).
     """
 
@@ -179,105 +206,92 @@ class RayShardSource:
         self,
         shard,
         *,
+        mode: str,
         n_samples: int,
+        max_len: int,
         global_batch: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
         bucketing: bool = False,
+        bucket_window: int = 16,
         max_steps: int | None = None,
-        shuffle_buffer: int | None = None,
     ) -> None:
         self.shard = shard
+        self.mode = mode
         self.rank = rank
         self.world_size = world_size
         self.batch_size = global_batch // world_size
         self.rows = n_samples // world_size
-        self.seed = seed
+        self.max_len = max_len
+        self.seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # another shuffle per rank
         self.bucketing = bucketing
+        self.bucket_window = bucket_window
         self.max_steps = max_steps
-        self.shuffle_buffer = shuffle_buffer or max(4 * self.batch_size, 10_000)
 
     def steps_per_epoch(self) -> int:
+        """The expected steps (a rank's even share of the samples); an epoch may take fewer."""
         steps = math.ceil(self.rows / self.batch_size)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def epoch(self, epoch: int, *, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-        shuffle_seed = int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0])
-        batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size,
-            dtypes=torch.int64,
-            device=device,
-            local_shuffle_buffer_size=self.shuffle_buffer,
-            local_shuffle_seed=shuffle_seed,
-        )
-        steps = self.steps_per_epoch()
-        for step, batch in enumerate(batches):
+        offsets, items = read_csr(self.shard, complete=False)
+        source = BatchSource(
+            build_windows(offsets, items, self.mode), max_len=self.max_len, global_batch=self.batch_size,
+            seed=self.seed, bucketing=self.bucketing, bucket_window=self.bucket_window, max_steps=self.max_steps,
+        )  # fmt: skip
+        steps = self._fewest(source.steps_per_epoch(), device)
+        for step, batch in enumerate(source.epoch(epoch, device=device)):
             if step >= steps:
                 break
-            batch = {k: batch[k] for k in SAMPLE_COLUMNS}
-            if self.bucketing:  # models are padding-independent: trim to the longest sequence
-                width = int(batch["seq_len"].max())
-                batch["item_seq"] = batch["item_seq"][:, :width]
-                if batch["target"].ndim == 2:
-                    batch["target"] = batch["target"][:, :width]
             yield batch
+
+    def _fewest(self, steps: int, device: torch.device) -> int:
+        """The smallest `steps` over all ranks."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return steps
+        t = torch.tensor([steps], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
 
 def ray_train_entry(config: dict[str, Any], *, train_samples: int | None = None) -> None:
     """What each Ray Train worker runs: the plain loop with a RaySession."""
     cfg = experiment_from_dict(config)
-    train_per_worker(config, session=RaySession(cfg, train_samples=train_samples))
+    marker = cfg.run.run_dir / DIVERGED_MARKER
+    if marker.is_file():  # Ray retries a failed group; a diverged run would only diverge again
+        raise TrainingDiverged(marker.read_text(encoding="utf-8").strip())
+    try:
+        train_per_worker(config, session=RaySession(cfg, train_samples=train_samples))
+    except TrainingDiverged as exc:
+        write_text_atomic(marker, f"{exc}\n")
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
-# Training samples on Ray Data
+# Training data on Ray Data: users' training parts as CSR shards
 
 
-def samples_per_user(lengths: np.ndarray, mode: str) -> np.ndarray:
-    """How many samples each training part of `lengths` items yields (see data.splits)."""
-    if mode == "prefix":
-        return np.maximum(lengths - 1, 0)
-    if mode == "all_positions":
-        return (lengths >= 2).astype(np.int64)
-    raise ValueError(f"unknown sample mode {mode!r}")
-
-
-def samples_batch(batch, *, mode: str, max_len: int) -> dict[str, np.ndarray]:
-    """Ray Data map: a block of users' training parts -> their training samples.
-
-    Args:
-        batch: a pyarrow Table with columns `items` (list<int64>, a user's training part) and
-            `first_sample` (int64, the user's first row in the single-process sample order).
-    Returns:
-        numpy columns sample_id (S,), item_seq (S, max_len), seq_len (S,), target (S,) or
-        (S, max_len); `sample_id` is the row's index in `prefix_samples`/`all_position_samples`
-        of the whole dataset (users in order, each user's samples in order).
-    """
-    from echomamba_dist.data.splits import all_position_samples, prefix_samples
-
-    items = batch.column("items").combine_chunks()
-    offsets = np.asarray(items.offsets, dtype=np.int64)
-    offsets = offsets - offsets[0]
-    values = np.asarray(items.flatten(), dtype=np.int64)
-    build = prefix_samples if mode == "prefix" else all_position_samples
-    seq, seq_len, target = build(offsets, values, max_len)
-    per_user = samples_per_user(np.diff(offsets), mode)  # (n,)
-    first_here = np.cumsum(per_user) - per_user  # each user's first row in this block
-    first = np.asarray(batch.column("first_sample"), dtype=np.int64)
-    sample_id = np.repeat(first - first_here, per_user) + np.arange(len(seq_len), dtype=np.int64)
-    return {"sample_id": sample_id, "item_seq": seq, "seq_len": seq_len, "target": target}
-
-
-def build_train_dataset(cfg: ExperimentConfig, sample_mode: str, *, materialize: bool = True):
-    """The training samples as a Ray Dataset (columns sample_id, item_seq, seq_len, target).
-
-    Users are cut into blocks on the driver; the samples are built by Ray Data tasks. With
-    `materialize` (the "exact" mode) they are computed once and kept in the object store;
-    otherwise each epoch streams them anew. The row count is in `dataset.count()`, or
-    `count_train_samples`.
-    """
+def users_table(train_offsets: np.ndarray, train_items: np.ndarray):
+    """The training parts as a pyarrow Table, one row a user: `user` (int64, 0-based) and `items`
+    (list<int64>, zero-copy over `train_items`)."""
     import pyarrow as pa
+
+    train_offsets = np.asarray(train_offsets, dtype=np.int64)
+    return pa.table({
+        "user": pa.array(np.arange(len(train_offsets) - 1, dtype=np.int64)),
+        "items": pa.ListArray.from_arrays(pa.array(train_offsets), pa.array(np.asarray(train_items, dtype=np.int64))),
+    })
+
+
+def build_train_dataset(cfg: ExperimentConfig):
+    """The training parts of `cfg.data` as a Ray Dataset of CSR shards (see `users_table`).
+
+    Users are cut into about 16 blocks on the driver and put in the object store once; the
+    workers build the samples of either mode from them (`read_csr`, `build_windows`).
+    """
     import ray.data
 
     from echomamba_dist.data.dataset import load_dataset
@@ -285,20 +299,10 @@ def build_train_dataset(cfg: ExperimentConfig, sample_mode: str, *, materialize:
 
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
-    per_user = samples_per_user(np.diff(loo.train_offsets), sample_mode)
-    users = pa.table({
-        "first_sample": pa.array(np.cumsum(per_user) - per_user),
-        "items": pa.ListArray.from_arrays(pa.array(loo.train_offsets), pa.array(loo.train_items)),
-    })
-    # ~16 blocks: enough to spread the work and the splits, few enough to keep task overhead low;
-    # blocks of the samples hold at most 4096 users' samples each
+    users = users_table(loo.train_offsets, loo.train_items)
+    # ~16 blocks: enough to spread the reads and the splits, few enough to keep overhead low
     rows_per_block = max(1, math.ceil(users.num_rows / 16))
-    blocks = [users.slice(i, rows_per_block) for i in range(0, users.num_rows, rows_per_block)]
-    samples = ray.data.from_arrow(blocks).map_batches(
-        samples_batch, fn_kwargs={"mode": sample_mode, "max_len": cfg.data.max_len},
-        batch_format="pyarrow", batch_size=4096, zero_copy_batch=True,  # 4096 users per call
-    )
-    return samples.materialize() if materialize else samples
+    return ray.data.from_arrow([users.slice(i, rows_per_block) for i in range(0, users.num_rows, rows_per_block)])
 
 
 def count_train_samples(cfg: ExperimentConfig, sample_mode: str) -> int:
@@ -308,7 +312,7 @@ def count_train_samples(cfg: ExperimentConfig, sample_mode: str) -> int:
 
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
-    return int(samples_per_user(np.diff(loo.train_offsets), sample_mode).sum())
+    return len(build_windows(loo.train_offsets, loo.train_items, sample_mode))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def build_trainer(cfg: ExperimentConfig, *, placement_strategy: str = "PACK"):
 
     sample_mode = cfg.sample_mode
     exact = cfg.train.data_sharding == "exact"
-    train_ds = build_train_dataset(cfg, sample_mode, materialize=exact)
+    train_ds = build_train_dataset(cfg)
     entry = ray_train_entry if exact else functools.partial(
         ray_train_entry, train_samples=count_train_samples(cfg, sample_mode)
     )
@@ -406,12 +410,32 @@ def fit(cfg: ExperimentConfig, *, placement_strategy: str = "PACK") -> dict[str,
         The run's metrics.json (see `train_per_worker`).
     Raises:
         WorkerError: with the failing worker's exception, message and traceback.
+        CheckpointError: another trainer holds the run (`RunLockedError`), or its checkpoint
+            belongs to another dataset or config (`check_resume`), or none is intact.
         KeyboardInterrupt: on SIGINT or SIGTERM.
     """
-    import ray.data
-
     local = not os.environ.get("RAY_ADDRESS")
     cfg = resolve_for_workers(cfg, local=local)
+    with RunLock(cfg.run.run_dir):  # the driver owns the run until it ends; the workers never lock
+        if cfg.run.resume:
+            _check_resume_on_driver(cfg)  # before Ray starts, so that a refusal costs nothing
+        return _fit_owned(cfg, local=local, placement_strategy=placement_strategy)
+
+
+def _check_resume_on_driver(cfg: ExperimentConfig) -> None:
+    """The checks of a resume (`check_resume`) against the run's newest intact checkpoint."""
+    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
+
+    ckpt = newest_intact(run_checkpoints(cfg.run.run_dir))
+    if ckpt is not None:
+        ds = load_dataset(cfg.data)
+        check_resume(ckpt, cfg, fingerprint=dataset_fingerprint(ds), n_items=ds.n_items)
+
+
+def _fit_owned(cfg: ExperimentConfig, *, local: bool, placement_strategy: str) -> dict[str, Any]:
+    """`fit` once the driver holds the run directory."""
+    import ray.data
+
     if local:
         needed = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
         init_ray(num_cpus=max(needed, os.cpu_count() or 1) + 1)  # + 1: Ray Data's own CPU
@@ -426,6 +450,7 @@ def fit(cfg: ExperimentConfig, *, placement_strategy: str = "PACK") -> dict[str,
     run_dir = cfg.run.run_dir
     if not cfg.run.resume:
         _forget_checkpoints(run_dir)
+    (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)  # one of an earlier fit: try again
     with _sigterm_as_interrupt():
         trainer = build_trainer(cfg, placement_strategy=placement_strategy)
         try:
@@ -433,6 +458,10 @@ def fit(cfg: ExperimentConfig, *, placement_strategy: str = "PACK") -> dict[str,
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
+            diverged = worker_exception(exc, TrainingDiverged)
+            (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)
+            if diverged is not None:  # the user's to fix: the same one line as without Ray
+                raise TrainingDiverged(str(diverged).splitlines()[0]) from None
             raise WorkerError(worker_error_message(exc)) from None
     return json.loads((run_dir / METRICS_FILE).read_text())
 
@@ -461,6 +490,24 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def worker_exception(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
+    """The first worker exception of type `cls` (lowest rank first) behind Ray Train's error
+    `exc`, looking through `worker_failures`, Ray's `cause` wrappers and the chain of causes."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    todo = [failures[rank] for rank in sorted(failures)] + [exc]
+    seen: list[BaseException] = []
+    while todo:
+        cur = todo.pop(0)
+        if not isinstance(cur, BaseException) or any(cur is s for s in seen):
+            continue
+        seen.append(cur)
+        inner = getattr(cur, "cause", None)  # a RayTaskError is also an instance of its cause's class
+        if isinstance(cur, cls) and not isinstance(inner, cls):
+            return cur
+        todo += [inner, cur.__cause__, cur.__context__, getattr(cur, "controller_failure", None)]
+    return None
 
 
 def worker_error_message(exc: BaseException) -> str:

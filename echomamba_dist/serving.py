@@ -3,18 +3,26 @@
 `recommend_users` runs in one process; `recommend_on_ray` runs the same scoring on Ray Data with
 the model held by a pool of actors (GPU actors when asked), for catalogues of users too large for
 one machine. Both write the same Parquet layout: user_id, rank, item_id, score.
+
+A user gets fewer than K rows when fewer than K items are left to recommend (the catalogue minus
+the history the model reads, with `exclude_history`); `available_items` counts them beforehand.
+Outputs are written atomically, refuse an existing path unless `overwrite`, and then replace only
+recommendations this project wrote (`is_recommendations_file`, `is_recommendations_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from echomamba_dist.errors import NonFiniteScores
 from echomamba_dist.inference import LoadedModel, pad_histories, topk_items
+from echomamba_dist.io import atomic_dir, atomic_file, check_output_dir
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())])
 
@@ -27,17 +35,53 @@ def user_histories(ds, users: list[int] | np.ndarray) -> list[np.ndarray]:
 def recommendations_table(
     user_ids: list[str], top: np.ndarray, scores: np.ndarray, item_ids: list[str]
 ) -> pa.Table:
-    """Long format: one row per (user, rank)."""
+    """Long format: one row per (user, rank); the places `topk_items` filled with item 0 are left out."""
     n, k = top.shape
+    real = top.reshape(-1) > 0
     return pa.table(
         {
-            "user_id": pa.array(np.repeat(np.asarray(user_ids, dtype=object), k), pa.string()),
-            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)),
-            "item_id": pa.array(np.asarray(item_ids, dtype=object)[top.reshape(-1)], pa.string()),
-            "score": pa.array(scores.reshape(-1).astype(np.float32)),
+            "user_id": pa.array(np.repeat(np.asarray(user_ids, dtype=object), k)[real], pa.string()),
+            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)[real]),
+            "item_id": pa.array(np.asarray(item_ids, dtype=object)[top.reshape(-1)[real]], pa.string()),
+            "score": pa.array(scores.reshape(-1)[real].astype(np.float32)),
         },
         schema=SCHEMA,
     )
+
+
+def available_items(ds, users: list[int] | np.ndarray, *, max_len: int, exclude_history: bool = True) -> np.ndarray:
+    """How many items each user can be recommended: all `ds.n_items`, less (with
+    `exclude_history`) the distinct items of the last `max_len` of the history, which the model
+    reads and `topk_items` leaves out. Returns (len(users),) int64."""
+    users = np.asarray(users, dtype=np.int64)
+    if not exclude_history or len(users) == 0:
+        return np.full(len(users), ds.n_items, dtype=np.int64)
+    ends = ds.offsets[users + 1]
+    starts = np.maximum(ds.offsets[users], ends - max_len)
+    lengths = ends - starts
+    owner = np.repeat(np.arange(len(users)), lengths)  # (total,) the user of each history item
+    position = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items = ds.items[np.repeat(starts, lengths) + position]
+    pairs = np.unique(owner * (ds.n_items + 1) + items)  # distinct (user, item)
+    seen = np.bincount(pairs // (ds.n_items + 1), minlength=len(users))
+    return ds.n_items - seen
+
+
+def is_recommendations_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a Parquet file with the columns `write_recommendations` writes."""
+    try:
+        return pq.read_schema(path).names == SCHEMA.names
+    except Exception:  # not Parquet, unreadable: not ours
+        return False
+
+
+def is_recommendations_dir(path: str | os.PathLike) -> bool:
+    """Whether directory `path` holds only Parquet files of recommendations (`recommend_on_ray`)."""
+    try:
+        entries = list(Path(path).iterdir())
+    except OSError:
+        return False
+    return all(e.is_file() and e.suffix == ".parquet" and is_recommendations_file(e) for e in entries)
 
 
 def recommend_users(loaded: LoadedModel, ds, users: list[int], *, k: int, exclude_history: bool = True) -> pa.Table:
@@ -48,13 +92,15 @@ def recommend_users(loaded: LoadedModel, ds, users: list[int], *, k: int, exclud
     return recommendations_table([str(ds.user_ids[u]) for u in users], top, scores, item_ids)
 
 
-def write_recommendations(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a recommendations table to Parquet atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, p)
+def write_recommendations(table: pa.Table, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write a recommendations table to Parquet atomically (temporary file, then rename).
+
+    Raises:
+        OutputError: `path` exists and not `overwrite`, or is not a recommendations file; it is a
+            directory; it cannot be written (see `echomamba_dist.io.atomic_file`).
+    """
+    with atomic_file(path, overwrite=overwrite, owned=is_recommendations_file, what="recommendations file") as tmp:
+        pq.write_table(table, tmp)
 
 
 class _Scorer:
@@ -90,19 +136,23 @@ def recommend_on_ray(
     num_actors: int = 2,
     use_gpu: bool = False,
     batch_size: int = 4096,
+    overwrite: bool = False,
 ) -> int:
     """Top-k for every user of `ds` on Ray Data, the model held by a pool of `num_actors` actors
     (one GPU each with `use_gpu`); Parquet files written to `output_dir` atomically.
 
     Returns the number of users scored.
+    Raises:
+        OutputError: `output_dir` is a file, or a non-empty directory without `overwrite`, or with
+            `overwrite` one that holds other files than recommendations; it cannot be written.
+        NonFiniteScores: the model scores some user with NaN or infinity.
     """
-    import shutil
-    import tempfile
-
     import ray.data
 
-    from echomamba_dist.ray_train import init_ray
+    from echomamba_dist.ray_train import init_ray, worker_exception
 
+    owned = is_recommendations_dir
+    check_output_dir(output_dir, overwrite=overwrite, owned=owned, what="recommendations directory")  # before Ray
     init_ray()
     lengths = np.diff(ds.offsets)
     table = pa.table(
@@ -129,15 +179,13 @@ def recommend_on_ray(
         concurrency=num_actors,
         num_gpus=1 if use_gpu else None,
     )
-    out = Path(output_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        recs.write_parquet(str(staging))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_dir(Path(output_dir).resolve(), overwrite=overwrite, owned=owned, what="recommendations directory") as staging:
+        try:
+            recs.write_parquet(str(staging))
+        except Exception as exc:  # an actor's NonFiniteScores arrives wrapped by Ray, maybe as text only
+            found = worker_exception(exc, NonFiniteScores)
+            text = re.search(r"NonFiniteScores: ([^\n]+)", str(exc))
+            if found is None and text is None:
+                raise
+            raise NonFiniteScores(str(found).splitlines()[0] if found is not None else text.group(1).strip()) from None
     return int(table.num_rows)

@@ -187,3 +187,43 @@ def test_every_job_config_loads_with_its_loader():
         assert cfg.model_name == model and (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (2048, 1e-3, 10)
         assert cfg.data.max_len == 50 and cfg.model.hidden_size == 64 and cfg.model.dropout == 0.2
     assert load_config(JOB_CONFIGS / "beauty-gru4rec.yaml").sample_mode == "prefix"
+
+
+# ----------------------------------------------------------------------------------------------
+# Values as a user means them; impossible values refused when the config is built (issue 14)
+
+
+@pytest.mark.parametrize("raw, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("0.01", 0.01), ("2", 2.0), ("+1e-2", 0.01)])
+def test_exponent_without_a_dot_is_a_number(raw, value):
+    cfg = load_config(None, [f"train.lr={raw}", f"train.grad_clip={raw}"])
+    assert cfg.train.lr == value and type(cfg.train.lr) is float
+    assert cfg.train.grad_clip == value
+
+
+def test_exponent_in_a_yaml_file_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 1e-5\n")  # PyYAML reads both as strings
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-4, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.lr=nan"], "train.lr: expected a finite number, got 'nan'"),
+        (["train.lr=1e-3x"], "train.lr: expected a number, got '1e-3x'"),
+        (["train.grad_clip=-1"], "train.grad_clip: must be > 0 (or null: no clipping), got -1.0"),
+        (["train.grad_clip=0"], "train.grad_clip: must be > 0"),
+        (["data.max_len=60", "model.max_len=50"], "data.max_len: 60 exceeds model.max_len=50"),
+        (["data.max_len=60", "model.name=sasrec"], "data.max_len: 60 exceeds model.max_len=50"),
+    ],
+)
+def test_impossible_values_are_refused_when_built(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value)
+
+
+def test_models_without_a_length_limit_take_any_data_max_len():
+    assert load_config(None, ["model.name=gru4rec", "data.max_len=500"]).data.max_len == 500
+    assert load_config(None, ["train.grad_clip=null"]).train.grad_clip is None

@@ -83,3 +83,78 @@ def test_finalize_rejects_empty_and_combine_rejects_mismatch():
         finalize_metrics({"hr@10": 0.0, "count": 0})
     with pytest.raises(ValueError, match="different keys"):
         combine_sums([metric_sums(torch.tensor([1]), [10]), metric_sums(torch.tensor([1]), [5])])
+
+
+# ---- non-finite scores rank as the worst, never as a hit (issue 14)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "row, target, exclude, rank",
+    [
+        #  pad   1    2    3    4
+        ([0.0, 1.0, NAN, 2.0, 3.0], 3, None, 2),  # a NaN item never counts above a finite target
+        ([0.0, 1.0, INF, 2.0, 3.0], 3, None, 2),  # nor does +inf (only a broken model makes it)
+        ([0.0, 1.0, -INF, 2.0, 3.0], 1, None, 3),  # -inf: below every finite score, as before
+        ([0.0, 1.0, 2.0, NAN, 3.0], 3, None, 4),  # a NaN target: last of the 4 candidates
+        ([0.0, 1.0, 2.0, INF, 3.0], 3, None, 4),  # +inf is no hit either
+        ([0.0, 1.0, 2.0, -INF, 3.0], 3, None, 4),
+        ([0.0, NAN, NAN, NAN, NAN], 3, None, 4),  # all NaN: nothing ties in the target's favour
+        ([0.0, 1.0, 2.0, NAN, 3.0], 3, [[2, 0]], 3),  # excluded items are no candidates
+        ([0.0, 1.0, 2.0, NAN, 3.0], 3, [[3, 4]], 3),  # the target is never excluded
+        ([NAN, 1.0, 2.0, 3.0, 4.0], 4, None, 1),  # the padding column never ranks, NaN or not
+    ],
+)
+def test_non_finite_scores_rank_last(row, target, exclude, rank):
+    ex = None if exclude is None else torch.tensor(exclude)
+    assert target_ranks(torch.tensor([row]), torch.tensor([target]), exclude=ex).tolist() == [rank]
+
+
+def test_a_model_that_outputs_nan_scores_zero_not_one():
+    n_users, n_items = 50, 40
+    targets = torch.randint(1, n_items + 1, (n_users,))
+    scores = torch.full((n_users, n_items + 1), NAN)
+    m = finalize_metrics(metric_sums(target_ranks(scores, targets), [10]))
+    assert m == {"hr@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0, "recall@10": 0.0}
+    assert target_ranks(scores, targets).tolist() == [n_items] * n_users  # last place, every one
+
+
+class _NanModel(torch.nn.Module):
+    """A recommender whose weights diverged: every score is NaN (or, with `rows`, those users')."""
+
+    def __init__(self, n_items: int, rows: slice = slice(None)) -> None:
+        super().__init__()
+        self.n_items, self.rows = n_items, rows
+
+    def score_all(self, item_seq, seq_len):
+        scores = torch.arange(self.n_items + 1, dtype=torch.float32).repeat(len(seq_len), 1)  # (B, I + 1)
+        scores[self.rows] = float("nan")
+        return scores
+
+
+def _eval_set(n_users: int = 30, n_items: int = 20):
+    import numpy as np
+
+    from echomamba_dist.train.evaluate import EvalSet
+
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, n_items + 1, (n_users, 5))
+    return EvalSet(seq, np.full(n_users, 5), rng.integers(1, n_items + 1, n_users), np.arange(n_users))
+
+
+def test_evaluate_model_refuses_or_scores_zero_for_a_nan_model():
+    from echomamba_dist.errors import NonFiniteScores
+    from echomamba_dist.train.evaluate import evaluate_model
+
+    data = _eval_set()
+    kwargs = {"ks": [10], "batch_size": 8, "device": torch.device("cpu")}
+    with pytest.raises(NonFiniteScores, match="scores 30 of 30 users with NaN or infinity"):
+        evaluate_model(_NanModel(20), data, **kwargs)
+    m = evaluate_model(_NanModel(20), data, allow_nonfinite=True, **kwargs)
+    assert m["hr@10"] == 0.0 and m["ndcg@10"] == 0.0 and m["nonfinite_users"] == 30 and m["count"] == 30
+    # the first 4 users of each batch of 8 (8, 8, 8, 6): counted over all batches
+    with pytest.raises(NonFiniteScores, match="scores 16 of 30 users"):
+        evaluate_model(_NanModel(20, rows=slice(0, 4)), data, **kwargs)
+    finite = evaluate_model(_NanModel(20, rows=slice(0, 0)), data, **kwargs)
+    assert "nonfinite_users" not in finite and finite["count"] == 30

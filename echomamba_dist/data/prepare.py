@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +40,11 @@ import pyarrow.parquet as pq
 
 from echomamba_dist.data import readers
 from echomamba_dist.data import transforms as T
-from echomamba_dist.errors import DataError
+from echomamba_dist.errors import DataError, OutputError
+from echomamba_dist.io import atomic_dir, check_output_dir
 
 FORMAT_VERSION = 1
+DATASET_FILES = ("sequences.parquet", "items.parquet", "users.parquet", "meta.json")
 log = logging.getLogger(__name__)
 
 
@@ -98,20 +99,21 @@ def prepare(
         use_ray: run the transforms on Ray Data (local Ray, or `ray_address` / RAY_ADDRESS; an
             already initialised Ray is used as it is). False: the same functions in this process.
         ray_address: Ray cluster address when Ray is not initialised yet.
-        overwrite: replace an existing non-empty output directory.
+        overwrite: replace an existing non-empty output directory, only if it is a prepared
+            dataset (`is_prepared_dataset`) that does not hold the input.
     Returns:
         The meta dict written to meta.json (format_version, n_users, n_items, n_interactions,
         avg_length, options, source).
     Raises:
         DataError: bad input (named file and line/column), a filter that leaves no interaction, or
-            an existing output directory. No output directory is left behind on any error.
+            an output path that cannot be used (`OutputError`: see `check_prepare_output`). No
+            output or temporary directory is left behind on any error.
     """
     options = dataclasses.replace(options or PrepareOptions(), **option_overrides)
     src = Path(input_path)
     fmt = options.fmt or readers.detect_format(src)
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
+    check_prepare_output(out, src, overwrite=overwrite)  # before any work
 
     batches = _read_batches(src, fmt, options)
     if use_ray:
@@ -186,19 +188,42 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def is_prepared_dataset(path: str | os.PathLike) -> bool:
+    """Whether directory `path` is a prepared dataset as `prepare` writes it: a meta.json with a
+    format_version, and no file or directory besides the dataset's own files."""
+    p = Path(path)
+    try:
+        names = {c.name for c in p.iterdir()}
+        meta = json.loads((p / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and names <= set(DATASET_FILES)
+
+
+def check_prepare_output(out: str | os.PathLike, source: str | os.PathLike | None, *, overwrite: bool) -> None:
+    """Refuse an output directory that `prepare` must not write or replace.
+
+    Raises:
+        OutputError: `out` is a file; a non-empty directory without `overwrite`; with `overwrite`,
+            a directory that is not a prepared dataset, or one that holds `source` (the input).
+    """
+    out = Path(out)
+    if source is not None and out.is_dir():
+        src, root = Path(source).resolve(), out.resolve()
+        if src == root or root in src.parents:
+            raise OutputError(f"{out}: holds the input {source}; choose an output directory outside it")
+    check_output_dir(out, overwrite=overwrite, owned=is_prepared_dataset, what="prepared dataset")
+
+
 def write_prepared(out: str | os.PathLike, tables: PreparedTables, meta: dict, *, overwrite: bool = False) -> None:
     """Write a prepared dataset to `out` atomically: a temporary sibling directory, then rename.
 
     Raises:
-        DataError: `out` exists and is not empty, and not `overwrite`.
+        OutputError: as `check_prepare_output` (the input is `meta["source"]["path"]`), or the
+            directory cannot be written. Nothing is left behind and `out` is untouched.
     """
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    check_prepare_output(out, meta.get("source", {}).get("path"), overwrite=overwrite)
+    with atomic_dir(out, overwrite=overwrite, owned=is_prepared_dataset, what="prepared dataset") as tmp:
         pq.write_table(tables.sequences, tmp / "sequences.parquet")
         n_items, n_users = len(tables.item_ids), len(tables.user_ids)
         pq.write_table(
@@ -210,14 +235,6 @@ def write_prepared(out: str | os.PathLike, tables: PreparedTables, meta: dict, *
             tmp / "users.parquet",
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:
-                raise DataError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,4 +361,7 @@ def _prepare_ray(batches, options: PrepareOptions, *, source: Path, ray_address:
         return PreparedTables(sequences, user_ids, item_ids)
 
 
-__all__ = ["FORMAT_VERSION", "PrepareOptions", "PreparedTables", "format_stats", "prepare", "prepare_table", "write_prepared"]
+__all__ = [
+    "FORMAT_VERSION", "PrepareOptions", "PreparedTables", "check_prepare_output", "format_stats", "is_prepared_dataset",
+    "prepare", "prepare_table", "write_prepared",
+]

@@ -152,6 +152,10 @@ def _check_file(path: str | os.PathLike) -> Path:
 
 
 def _decode(raw: bytes, p: Path, lineno: int) -> str:
+    """A line as text; line 1 without the UTF-8 byte-order mark that spreadsheet exports write
+    (pyarrow's CSV reader skips it as well)."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -353,6 +357,15 @@ def _iter_parquet(p: Path, batch_rows: int) -> Iterator[pa.Table]:
             f"{p}: column {missing[0]!r}: missing required column; found columns {', '.join(fields)}; "
             "expected user, item, timestamp and optionally rating"
         )
+    for canonical, f in columns.items():
+        kind = pf.schema_arrow.field(f).type
+        value = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if pa.types.is_nested(value):  # list, struct, map, union: one value a row is expected
+            expected = "an id (integer or string)" if canonical in ("user", "item") else "a number or a time"
+            raise DataError(
+                f"{p}: column {f!r}: expected {expected} in every row, got the nested type {kind}; "
+                "flatten it to one value a row (e.g. one interaction a row for a list of items)"
+            )
     if pf.metadata.num_rows == 0:
         raise DataError(f"{p}: row 1: expected at least one interaction, the file has none")
     done = 0

@@ -25,15 +25,20 @@ import torch
 from torch import nn
 
 from echomamba_dist import __version__
-from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict
+from echomamba_dist.config import ConfigError, ExperimentConfig, experiment_from_dict, to_dict
+from echomamba_dist.data.splits import Windows, window_batch
+from echomamba_dist.errors import CheckpointError, TrainingDiverged
+from echomamba_dist.io import write_json_atomic
 from echomamba_dist.train.checkpoint import (
+    check_resume,
     latest_checkpoint,
+    newest_intact,
     prune_checkpoints,
-    read_meta,
-    read_state,
+    run_checkpoints,
     write_checkpoint,
 )
 from echomamba_dist.train.evaluate import EvalSet, evaluate_model, popularity_metrics
+from echomamba_dist.train.runlock import RunLock
 from echomamba_dist.train.tracking import metric_key
 
 METRICS_FILE = "metrics.json"
@@ -49,7 +54,7 @@ class TrainingData:
     """Everything the loop needs from a prepared dataset, as NumPy arrays."""
 
     n_items: int
-    samples: dict[str, np.ndarray]  # item_seq (S, L), seq_len (S,), target (S,) or (S, L)
+    samples: Windows | None  # the training samples as windows into train_items (None: not built)
     valid: EvalSet
     test: EvalSet
     train_items: np.ndarray  # all training-part items (for the popularity baseline)
@@ -58,27 +63,26 @@ class TrainingData:
 
 
 def build_training_data(cfg: ExperimentConfig, sample_mode: str, *, with_samples: bool = True) -> TrainingData:
-    """Load the dataset of `cfg.data`, split it leave-one-out and build samples for `sample_mode`
-    (`with_samples=False`: no training samples, `samples` is empty; Ray workers read theirs from Ray Data)."""
-    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
-    from echomamba_dist.data.splits import all_position_samples, history_matrix, leave_one_out, prefix_samples
+    """Load the dataset of `cfg.data`, split it leave-one-out and build the training windows for
+    `sample_mode` (`with_samples=False`: `samples` is None; Ray workers get theirs from Ray Data).
 
+    Raises:
+        ValueError: an unknown `sample_mode`.
+    """
+    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
+    from echomamba_dist.data.splits import build_windows, history_matrix, leave_one_out
+
+    if sample_mode not in ("prefix", "all_positions"):
+        raise ValueError(f"unknown sample mode {sample_mode!r}")
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
     max_len = cfg.data.max_len
-    if not with_samples:
-        seq = seq_len = target = np.zeros(0, dtype=np.int64)
-    elif sample_mode == "prefix":
-        seq, seq_len, target = prefix_samples(loo.train_offsets, loo.train_items, max_len)
-    elif sample_mode == "all_positions":
-        seq, seq_len, target = all_position_samples(loo.train_offsets, loo.train_items, max_len)
-    else:
-        raise ValueError(f"unknown sample mode {sample_mode!r}")
+    windows = build_windows(loo.train_offsets, loo.train_items, sample_mode) if with_samples else None
     v_seq, v_len = history_matrix(ds.offsets, ds.items, loo.valid_users, cut=2, max_len=max_len)
     t_seq, t_len = history_matrix(ds.offsets, ds.items, loo.test_users, cut=1, max_len=max_len)
     return TrainingData(
         n_items=ds.n_items,
-        samples={"item_seq": seq, "seq_len": seq_len, "target": target} if with_samples else {},
+        samples=windows,
         valid=EvalSet(v_seq, v_len, loo.valid_target, loo.valid_users),
         test=EvalSet(t_seq, t_len, loo.test_target, loo.test_users),
         train_items=loo.train_items,
@@ -95,12 +99,15 @@ class BatchSource:
     With `bucketing`, each batch is trimmed to its longest sequence (models are
     padding-independent, so this changes speed, not results) and batches are formed from
     length-sorted windows of `bucket_window` batches, so that lengths inside a batch are close.
+    The samples stay `Windows` into the training items; each batch's rows are cut out when it is
+    built (`window_batch`), so memory follows the log, not samples x max_len.
     """
 
     def __init__(
         self,
-        samples: dict[str, np.ndarray],
+        windows: Windows,
         *,
+        max_len: int,
         global_batch: int,
         seed: int,
         rank: int = 0,
@@ -109,8 +116,9 @@ class BatchSource:
         bucket_window: int = 16,
         max_steps: int | None = None,
     ) -> None:
-        self.samples = samples
-        self.n = int(samples["seq_len"].shape[0])
+        self.windows = windows
+        self.max_len = max_len
+        self.n = len(windows)
         self.global_batch = global_batch
         self.seed = seed
         self.rank = rank
@@ -118,6 +126,10 @@ class BatchSource:
         self.bucketing = bucketing
         self.bucket_window = bucket_window
         self.max_steps = max_steps
+
+    def lengths(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """int64: the input length of samples `idx` (all by default), cut to max_len."""
+        return np.minimum(self.windows.lengths(idx), self.max_len)
 
     def steps_per_epoch(self) -> int:
         steps = math.ceil(self.n / self.global_batch)
@@ -127,11 +139,10 @@ class BatchSource:
         """The global batches of `epoch` as index arrays (the same on every rank)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         if self.bucketing:
-            lengths = self.samples["seq_len"]
             window = self.global_batch * self.bucket_window
             for start in range(0, self.n, window):
                 chunk = order[start : start + window]
-                order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+                order[start : start + window] = chunk[np.argsort(self.lengths(chunk), kind="stable")]
         batches = [order[i : i + self.global_batch] for i in range(0, self.n, self.global_batch)]
         if self.bucketing:  # sorted windows would otherwise visit short batches first
             perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
@@ -146,14 +157,11 @@ class BatchSource:
             yield self.to_batch(part, device=device)
 
     def to_batch(self, idx: np.ndarray, *, device: torch.device) -> dict[str, torch.Tensor]:
-        seq_len = self.samples["seq_len"][idx]
-        width = int(seq_len.max()) if self.bucketing else self.samples["item_seq"].shape[1]
-        batch = {
-            "item_seq": self.samples["item_seq"][idx, :width],
-            "seq_len": seq_len,
-            "target": self.samples["target"][idx] if self.samples["target"].ndim == 1 else self.samples["target"][idx, :width],
-        }
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
+        """Samples `idx` as a batch of tensors on `device`: max_len wide, or (bucketing) as wide
+        as their longest input."""
+        item_seq, seq_len, target = window_batch(self.windows, idx, max_len=self.max_len, trim=self.bucketing)
+        batch = {"item_seq": item_seq, "seq_len": seq_len, "target": target}
+        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,19 +180,23 @@ class WorkerSession(Protocol):
 
     def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]: ...
 
-    def restore_dir(self) -> Any: ...  # a context manager yielding a checkpoint dir or None
+    def restore_dir(self) -> Any: ...  # a context manager yielding checkpoint dirs, newest first ([]: afresh)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None: ...
 
-    def batch_source(self, samples: dict[str, np.ndarray], **kwargs: Any) -> BatchSource: ...
+    def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource: ...
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
+    """`auto` -> cuda when available, else cpu.
+
+    Raises:
+        ConfigError: `cuda` on a machine without a CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device: cuda, but no CUDA device is available here; use train.device=auto or cpu")
     return torch.device(name)
 
 
@@ -207,8 +219,7 @@ class LocalSession:
         return sums
 
     def restore_dir(self):
-        found = latest_checkpoint(self.run_dir) if self.cfg.run.resume else None
-        return nullcontext(found)
+        return nullcontext(run_checkpoints(self.run_dir) if self.cfg.run.resume else [])
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None:
         if checkpoint_dir is None:
@@ -228,7 +239,7 @@ class LocalSession:
             shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
         prune_checkpoints(self.run_dir, keep_best=self.cfg.run.keep_checkpoints)
 
-    def batch_source(self, samples: dict[str, np.ndarray], **kwargs: Any) -> BatchSource:
+    def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource:
         return BatchSource(samples, rank=self.rank, world_size=self.world_size, **kwargs)
 
 
@@ -288,6 +299,14 @@ def _inject_fault(cfg: ExperimentConfig, session: WorkerSession, step: int) -> N
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _diverged(cfg: ExperimentConfig, what: str, *, epoch: int, step: int) -> TrainingDiverged:
+    """The one-line error for a run whose loss or scores went non-finite (no checkpoint is written)."""
+    return TrainingDiverged(
+        f"training diverged: {what} at epoch {epoch}, step {step} (run {cfg.run.name}); no checkpoint of this "
+        f"epoch was written; try a lower train.lr (now {cfg.train.lr:g}) or set train.grad_clip, in a new run.name"
+    )
+
+
 def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = None) -> dict[str, Any]:
     """Train, validate every epoch, stop early, and test the best model once.
 
@@ -298,35 +317,46 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
         On every rank: {"best_epoch", "epochs_run", "valid": {...}, "test": {...},
         "popularity": {...}, "train_seconds", "samples_per_second", ...}.
     """
+    cfg = experiment_from_dict(config)
+    if session is None:  # in this process: this trainer owns the run directory until it ends
+        session = LocalSession(cfg)  # refuses train.device=cuda without a GPU before any data is read
+        with RunLock(cfg.run.run_dir):
+            return _train(cfg, session)
+    return _train(cfg, session)  # on Ray the driver holds the run (`ray_train.fit`)
+
+
+def _train(cfg: ExperimentConfig, session: WorkerSession) -> dict[str, Any]:
+    """`train_per_worker` in `session`."""
     from echomamba_dist.models.registry import build_model
 
-    cfg = experiment_from_dict(config)
-    session = session or LocalSession(cfg)
     device = session.device
     is_main = session.rank == 0
     seed_everything(cfg.train.seed)
 
     data = build_training_data(cfg, cfg.sample_mode, with_samples=session.local_samples)
     seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
-    model = build_model(cfg.model, n_items=data.n_items).to(device)
-    model_max_len = getattr(cfg.model, "max_len", None)
-    if model_max_len is not None and cfg.data.max_len > model_max_len:
-        raise ValueError(f"data.max_len={cfg.data.max_len} exceeds model.max_len={model_max_len}")
+    model = build_model(cfg.model, n_items=data.n_items).to(device)  # data.max_len <= model.max_len: ExperimentConfig.check
     optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
     state = TrainState()
     best_model_state: dict[str, torch.Tensor] | None = None
 
-    with session.restore_dir() as ckpt_dir:
-        if ckpt_dir is not None:
-            saved = read_state(ckpt_dir, map_location=device)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            best_model_state = saved.get("best_model")
-            torch.set_rng_state(saved["rng"]["torch"].cpu())
-            meta = read_meta(ckpt_dir)
-            state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__})
+    with session.restore_dir() as candidates:
+        # the newest checkpoint that reads whole (a corrupt one is skipped with a warning), of
+        # this dataset and config (`check_resume`, or the run would mix two experiments)
+        ckpt = newest_intact(candidates, map_location=device, warn=is_main)
+        if ckpt is not None:
+            check_resume(ckpt, cfg, fingerprint=data.fingerprint, n_items=data.n_items)
+            try:
+                model.load_state_dict(ckpt.state["model"])
+                optimizer.load_state_dict(ckpt.state["optimizer"])
+                state = TrainState(**{k: ckpt.meta[k] for k in TrainState.__dataclass_fields__})
+                torch.set_rng_state(ckpt.state["rng"]["torch"].cpu())
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise CheckpointError(f"{ckpt.directory}: cannot resume from it: {type(exc).__name__} {why}") from None
+            best_model_state = ckpt.state.get("best_model")
             if is_main:
-                print(f"resumed from {ckpt_dir} (next epoch {state.epoch}, step {state.step})", flush=True)
+                print(f"resumed from {ckpt.directory} (next epoch {state.epoch}, step {state.step})", flush=True)
 
     loss_module: nn.Module = LossModule(model)
     if cfg.train.compile:
@@ -334,6 +364,7 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
     train_module = session.prepare_model(loss_module)
     source = session.batch_source(
         data.samples,
+        max_len=cfg.data.max_len,
         global_batch=cfg.train.batch_size,
         seed=cfg.train.seed,
         bucketing=cfg.data.bucketing,
@@ -369,13 +400,16 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
                 _inject_fault(cfg, session, state.step)
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     loss = train_module(batch)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # stop before the step spreads it to the weights
+                    raise _diverged(cfg, f"the training loss is {loss_value}", epoch=epoch, step=state.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
                 state.step += 1
-                loss_sum += float(loss.detach())
+                loss_sum += loss_value
                 loss_count += 1
                 epoch_samples += int(batch["seq_len"].shape[0])
             epoch_seconds = time.perf_counter() - t0
@@ -384,8 +418,12 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
             valid = evaluate_model(
                 model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device,
                 rank=session.rank, world_size=session.world_size, all_reduce=session.all_reduce_sums,
-                exclude_history=cfg.train.exclude_history, autocast_dtype=autocast_dtype,
+                exclude_history=cfg.train.exclude_history, autocast_dtype=autocast_dtype, allow_nonfinite=True,
             )
+            nonfinite = valid.pop("nonfinite_users")  # the same count on every rank: all stop here
+            if nonfinite:
+                raise _diverged(cfg, f"the validation scores of {int(nonfinite)} of {int(valid['count'])} users are "
+                                     f"NaN or infinite", epoch=epoch, step=state.step)
             score = valid[cfg.train.metric]
             improved = score > state.best_metric
             if improved:
@@ -481,13 +519,3 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
     finally:
         if tracker is not None:
             tracker.end(status=status)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], *, sort_keys: bool = True) -> None:
-    """Write `data` as indented JSON to `path` atomically (temporary file, then rename)."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

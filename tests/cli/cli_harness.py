@@ -33,7 +33,8 @@ TINY_TRAIN = (
 class Case:
     """One row: `argv` (with `{ws}` for the workspace), the exit `status`, a regex `phrase` of
     stderr, an optional `setup(ws)` run before the snapshot, and `changes`: workspace-relative
-    paths the command may create or change (e.g. the output of a successful overwrite)."""
+    paths the command may create or change (e.g. the output of a successful overwrite); a
+    directory covers everything under it."""
 
     id: str
     argv: tuple[str, ...]
@@ -97,9 +98,13 @@ def run_case(case: Case, base: Path, tmp_path: Path, capsys) -> str:
         assert err.strip() and "\n" not in err.strip(), f"{case.id}: expected one line, got {err!r}"
         assert "Traceback" not in err
     after = snapshot(ws)
-    allowed = set(case.changes)
-    changed = [p for p, data in before.items() if p not in allowed and after.get(p) != data]
+    changed = [p for p, data in before.items() if not _allowed(p, case.changes) and after.get(p) != data]
     assert not changed, f"{case.id}: files changed or removed: {changed}"
-    new = [p for p in after if p not in before and not any(p == a or p.startswith(a.rstrip('/') + '/') for a in allowed)]
+    new = [p for p in after if p not in before and not _allowed(p, case.changes)]
     assert not new, f"{case.id}: files left behind: {new}"
     return err
+
+
+def _allowed(path: str, allowed: tuple[str, ...]) -> bool:
+    """Whether snapshot entry `path` is one of `allowed` or lies under one of them."""
+    return any(path.rstrip("/") == a.rstrip("/") or path.startswith(a.rstrip("/") + "/") for a in allowed)

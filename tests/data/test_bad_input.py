@@ -100,8 +100,16 @@ def test_existing_output_directory_is_kept(tmp_path, write):
     with pytest.raises(DataError, match=r"out: output directory exists and is not empty"):
         prepare(src, out, use_ray=False)
     assert (out / "keep.txt").read_text() == "mine"
-    prepare(src, out, use_ray=False, overwrite=True)
+    # --overwrite replaces only a prepared dataset, never a directory with other files (issue 14)
+    with pytest.raises(DataError, match=r"out: not a prepared dataset this project wrote"):
+        prepare(src, out, use_ray=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    prepare(src, out, use_ray=False)  # an empty directory is filled
+    first = (out / "meta.json").read_bytes()
+    prepare(src, out, use_ray=False, overwrite=True, k_core=0)  # a prepared dataset is replaced
     assert sorted(p.name for p in out.iterdir()) == ["items.parquet", "meta.json", "sequences.parquet", "users.parquet"]
+    assert (out / "meta.json").read_bytes() != first  # k_core=0 recorded
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

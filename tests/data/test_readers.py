@@ -107,3 +107,49 @@ def test_parquet_time_column_becomes_seconds(tmp_path):
     times = [dt.datetime(1970, 1, 1, 0, 0, 10), dt.datetime(1970, 1, 1, 0, 1, 0)]
     pq.write_table(pa.table({"user": ["u", "u"], "item": ["a", "b"], "timestamp": pa.array(times, pa.timestamp("s"))}), path)
     assert read_interactions(path).column("timestamp").to_pylist() == [10.0, 60.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A byte-order mark; nested Parquet columns (issue 14)
+
+from echomamba_dist.errors import DataError  # noqa: E402
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("log.csv", "user,item,rating,timestamp\nu1,a,4,10\nu1,b,2,20\nu2,a,5,15\n"),  # a spreadsheet's export
+        ("log.csv", "u1,a,4,10\nu1,b,2,20\nu2,a,5,15\n"),
+        ("log.tsv", "user\titem\trating\ttimestamp\nu1\ta\t4\t10\nu1\tb\t2\t20\nu2\ta\t5\t15\n"),
+        ("ratings.dat", "u1::a::4::10\nu1::b::2::20\nu2::a::5::15\n"),
+    ],
+)
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(write, name, content):
+    _check(read_interactions(write(name, BOM + content.encode("utf-8"))), EXPECTED)
+
+
+def test_a_byte_order_mark_before_sequence_text(write):
+    table = read_interactions(write("seq.txt", BOM + b"1 5 6\n2 5\n"))
+    assert table.column("user").to_pylist() == ["1", "1", "2"]
+    assert table.column("item").to_pylist() == ["5", "6", "5"]
+
+
+@pytest.mark.parametrize(
+    "column, values, needle",
+    [
+        ("item", pa.array([[1, 2], [3]]), r"column 'item': expected an id \(integer or string\) in every row, "
+                                          r"got the nested type list<element: int64>"),
+        ("user", pa.array([{"id": 1}, {"id": 2}]), r"column 'user': expected an id .* got the nested type struct<id: int64>"),
+        ("timestamp", pa.array([[1.0], [2.0]]), r"column 'timestamp': expected a number or a time .* nested type list"),
+        ("rating", pa.array([{"stars": 4}, {"stars": 5}]), r"column 'rating': expected a number .* nested type struct"),
+    ],
+)
+def test_nested_parquet_columns_are_refused_naming_the_column(tmp_path, column, values, needle):
+    data = {"user": pa.array([1, 2]), "item": pa.array([1, 2]), "timestamp": pa.array([1.0, 2.0])}
+    data[column] = values  # rating: an optional column, still checked when present
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table(data), path)
+    with pytest.raises(DataError, match=rf"log\.parquet: {needle}"):
+        read_interactions(path)

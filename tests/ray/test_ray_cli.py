@@ -133,12 +133,15 @@ def test_a_stopped_driver_resumes_from_its_latest_checkpoint(cli, config_file, r
 
 
 def test_a_worker_that_raises_shows_its_exception_and_traceback(cli, config_file):
+    # a tracking store only rank 0 opens (data.max_len above model.max_len, used here before, is
+    # now refused with the config, before Ray starts: tests/cli/test_bad_input_runs.py)
     done = cli.run([
         "train", "--config", str(config_file), "--set", "train.num_workers=2", "--set", "run.name=raises",
-        "--set", "data.max_len=20", "--set", "run.max_failures=0",
+        "--set", "tracking.enabled=true", "--set", "tracking.tracking_uri=nosuchscheme://nowhere",
+        "--set", "run.max_failures=0",
     ])
     assert done.returncode == 1  # the worker's error, printed by the CLI, not a driver traceback
     err = done.stderr
-    assert "ValueError: data.max_len=20 exceeds model.max_len=12" in err
+    assert "unsupported URI 'nosuchscheme://nowhere'" in err
     assert "training failed on worker rank" in err
     assert "Traceback" in err and "loop.py" in err and "train_per_worker" in err  # the worker's own frames

@@ -34,14 +34,18 @@ def tiny_config(tmp_path: Path, **sections) -> dict:
     return cfg
 
 
+def _position_windows(lengths, mode="prefix"):
+    """Windows over training parts of `lengths` whose items are their positions + 1 (unique)."""
+    from echomamba_dist.data.splits import build_windows
+
+    offsets = np.r_[0, np.cumsum(lengths)]
+    return build_windows(offsets, np.arange(1, offsets[-1] + 1), mode)
+
+
 def test_batch_source_is_deterministic_and_splits_exactly():
-    samples = {
-        "item_seq": np.arange(50 * 4).reshape(50, 4),
-        "seq_len": np.full(50, 4),
-        "target": np.arange(50),
-    }
-    one = BatchSource(samples, global_batch=8, seed=3)
-    halves = [BatchSource(samples, global_batch=8, seed=3, rank=r, world_size=2) for r in range(2)]
+    windows = _position_windows([11] * 5)  # 50 prefix samples, targets 2..11, 13..22, ...
+    one = BatchSource(windows, max_len=4, global_batch=8, seed=3)
+    halves = [BatchSource(windows, max_len=4, global_batch=8, seed=3, rank=r, world_size=2) for r in range(2)]
     cpu = torch.device("cpu")
     for epoch in (0, 1):
         whole = [b["target"] for b in one.epoch(epoch, device=cpu)]
@@ -51,24 +55,106 @@ def test_batch_source_is_deterministic_and_splits_exactly():
             assert torch.equal(w, torch.cat([a, b]))
     e0 = np.concatenate([b["target"].numpy() for b in one.epoch(0, device=cpu)])
     e1 = np.concatenate([b["target"].numpy() for b in one.epoch(1, device=cpu)])
-    assert sorted(e0) == list(range(50)) and not np.array_equal(e0, e1)  # a new shuffle each epoch
+    assert sorted(e0) == (windows.end + 1).tolist() and not np.array_equal(e0, e1)  # a new shuffle each epoch
 
 
 def test_bucketing_trims_padding_and_keeps_every_sample():
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 11, size=300)
-    seq = np.zeros((300, 10), dtype=np.int64)
-    for i, n in enumerate(lengths):
-        seq[i, :n] = rng.integers(1, 50, size=n)
-    samples = {"item_seq": seq, "seq_len": lengths, "target": np.arange(300)}
-    src = BatchSource(samples, global_batch=16, seed=0, bucketing=True, bucket_window=4)
+    windows = _position_windows(rng.integers(1, 12, size=60))
+    src = BatchSource(windows, max_len=10, global_batch=16, seed=0, bucketing=True, bucket_window=4)
     seen, widths = [], []
     for b in src.epoch(0, device=torch.device("cpu")):
         widths.append(b["item_seq"].shape[1])
         assert b["item_seq"].shape[1] == int(b["seq_len"].max())
         seen.extend(b["target"].tolist())
-    assert sorted(seen) == list(range(300))
+    assert sorted(seen) == (windows.end + 1).tolist()
     assert np.mean(widths) < 10  # padding was trimmed
+
+
+# The batches of the windows must be exactly those of the dense (samples, max_len) matrices the
+# loop trained on before (issue 18). The expected side is built here from the definitions alone.
+
+
+def _dense_rows(offsets, items, mode, max_len):
+    """The dense training matrices, row by row: users in order; prefix mode: every prefix of >= 1
+    item predicts the next item; all_positions: one row a user with >= 2 items, its items but the
+    last predicting the item after each. Most recent max_len items, right-padded with 0."""
+    seqs, lens, targets = [], [], []
+    for u in range(len(offsets) - 1):
+        part = [int(x) for x in items[offsets[u] : offsets[u + 1]]]
+        if mode == "prefix":
+            cases = [(part[:k], part[k]) for k in range(1, len(part))]
+        else:
+            cases = [(part[:-1], part[1:])] if len(part) >= 2 else []
+        for inp, tgt in cases:
+            inp = inp[-max_len:]
+            seqs.append(inp + [0] * (max_len - len(inp)))
+            lens.append(len(inp))
+            targets.append(tgt if mode == "prefix" else tgt[-max_len:] + [0] * (max_len - len(inp)))
+    return np.array(seqs, dtype=np.int64).reshape(-1, max_len), np.array(lens, dtype=np.int64), np.array(targets, dtype=np.int64)
+
+
+def _dense_batches(rows, *, global_batch, seed, epoch, rank, world_size, bucketing, bucket_window):
+    """What the loop gave rank `rank` from the dense rows: a (seed, epoch) permutation; with
+    bucketing, length-sorted (stable) windows of bucket_window batches, batches permuted by
+    (seed, epoch, 1) and trimmed to their longest row; each batch split into world_size
+    contiguous slices (batches smaller than world_size skipped)."""
+    seq, lens, target = rows
+    order = np.random.default_rng([seed, epoch]).permutation(len(lens))
+    if bucketing:
+        size = global_batch * bucket_window
+        for start in range(0, len(lens), size):
+            chunk = order[start : start + size]
+            order[start : start + size] = chunk[np.argsort(lens[chunk], kind="stable")]
+    batches = [order[i : i + global_batch] for i in range(0, len(lens), global_batch)]
+    if bucketing:
+        batches = [batches[i] for i in np.random.default_rng([seed, epoch, 1]).permutation(len(batches))]
+    out = []
+    for b in batches:
+        if len(b) < world_size:
+            continue
+        part = np.array_split(b, world_size)[rank]
+        width = int(lens[part].max()) if bucketing else seq.shape[1]
+        out.append({"item_seq": seq[part, :width], "seq_len": lens[part],
+                    "target": target[part] if target.ndim == 1 else target[part, :width]})  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("bucketing", [False, True])
+@pytest.mark.parametrize("mode", ["prefix", "all_positions"])
+def test_window_batches_equal_the_dense_matrix_batches(mode, bucketing, world_size):
+    from echomamba_dist.data.splits import build_windows, leave_one_out
+
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(0, 16, size=90)  # short users (0-2 items) and users longer than max_len
+    offsets = np.r_[0, np.cumsum(lengths)]
+    items = rng.integers(1, 40, size=offsets[-1])
+    loo = leave_one_out(offsets, items)
+    max_len = 6
+    rows = _dense_rows(loo.train_offsets, loo.train_items, mode, max_len)
+    windows = build_windows(loo.train_offsets, loo.train_items, mode)
+    assert len(windows) == len(rows[1]) > 70  # several batches and bucket windows either way
+    kwargs = {"global_batch": 24, "seed": 11, "bucketing": bucketing, "bucket_window": 3}
+    for rank in range(world_size):
+        source = BatchSource(windows, max_len=max_len, rank=rank, world_size=world_size, **kwargs)
+        assert len(source.batch_indices(0)) == source.steps_per_epoch() == -(-len(windows) // 24)
+        for epoch in range(3):
+            got = list(source.epoch(epoch, device=torch.device("cpu")))
+            expected = _dense_batches(rows, epoch=epoch, rank=rank, world_size=world_size, **kwargs)
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                assert set(g) == set(e)
+                for key, value in e.items():
+                    assert g[key].dtype == torch.int64
+                    np.testing.assert_array_equal(g[key].numpy(), value, err_msg=f"{key}, epoch {epoch}")
+
+
+def test_every_model_trains_on_a_tested_sample_mode():
+    from echomamba_dist.models.registry import MODELS
+
+    for name, (cls, _) in MODELS.items():
+        assert {cls.sample_mode, *cls.supported_samples} <= {"prefix", "all_positions"}, name
 
 
 def test_train_evaluate_checkpoint_and_track(tmp_path):
@@ -110,9 +196,9 @@ def test_same_seed_same_result_and_resume_is_a_no_op(tmp_path):
 
 
 def test_early_stopping_stops_after_patience(tmp_path):
-    cfg = tiny_config(tmp_path, train={"epochs": 30, "patience": 1, "lr": 0.5}, tracking={"enabled": False})
+    cfg = tiny_config(tmp_path, train={"epochs": 30, "patience": 1, "lr": 0.1}, tracking={"enabled": False})
     result = train_per_worker(cfg)
-    # a huge learning rate makes validation stop improving quickly
+    # a large learning rate (0.5 diverges: test_a_diverged_run_stops...) makes validation stop improving quickly
     assert result["epochs_run"] == result["best_epoch"] + 2
     assert result["epochs_run"] < 30
 
@@ -267,7 +353,7 @@ def test_a_causal_model_trains_on_prefix_samples(tmp_path):
 def test_prefix_and_all_position_losses_agree_for_a_causal_model():
     """The same targets give the same loss either way: a causal model's state at position t is
     the state of the prefix ending at t."""
-    from echomamba_dist.data.splits import all_position_samples, prefix_samples
+    from echomamba_dist.data.splits import build_windows, window_batch
     from echomamba_dist.models.registry import build_model, model_config_class
 
     offsets = np.array([0, 5, 9, 16])
@@ -277,8 +363,9 @@ def test_prefix_and_all_position_losses_agree_for_a_causal_model():
         kwargs = {"hidden_size": 16, "dropout": 0.0} | ({"max_len": 8} if name == "sasrec" else {})
         model = build_model(model_config_class(name)(**kwargs), n_items=10).eval()
         losses = []
-        for make in (all_position_samples, prefix_samples):
-            seq, seq_len, target = (torch.as_tensor(a) for a in make(offsets, items, 8))
+        for mode in ("all_positions", "prefix"):
+            windows = build_windows(offsets, items, mode)
+            seq, seq_len, target = (torch.as_tensor(a) for a in window_batch(windows, np.arange(len(windows)), max_len=8))
             losses.append(model.loss({"item_seq": seq, "seq_len": seq_len, "target": target}))
         assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5), name
 
@@ -293,3 +380,96 @@ def test_the_metrics_table_has_the_same_columns_whatever_the_key_order():
     assert header == ["hr@5", "hr@10", "ndcg@10", "mrr@10", "recall@10"]
     test_row = format_result(result).splitlines()[4].split()
     assert test_row == ["test", "0.3000", "0.4000", "0.2000", "0.1000", "0.4000"]
+
+
+# ---- divergence (issue 14): a non-finite loss or validation score stops the run, no checkpoint of it
+
+
+def test_a_diverged_run_stops_with_the_error_and_writes_no_checkpoint(tmp_path):
+    from echomamba_dist.errors import TrainingDiverged
+
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "lr": 1e6}, tracking={"enabled": False})
+    with pytest.raises(TrainingDiverged, match=r"the training loss is nan at epoch 0, step \d+ \(run t\).*lower train\.lr"):
+        train_per_worker(cfg)  # before: loss nan, HR@10 = NDCG@10 = 1.0, kept as best
+    run_dir = tmp_path / "runs" / "t"
+    assert checkpoint_dirs(run_dir) == [] and not (run_dir / "metrics.json").exists()
+
+
+def test_divergence_in_a_later_epoch_keeps_the_earlier_best(tmp_path, monkeypatch):
+    """The loss turns NaN in epoch 1: epoch 0's checkpoint stays the newest and best."""
+    from echomamba_dist.errors import TrainingDiverged
+    from echomamba_dist.train import loop
+
+    calls = {"n": 0}
+    forward = loop.LossModule.forward
+
+    def nan_from_step_20(self, batch):
+        calls["n"] += 1
+        loss = forward(self, batch)
+        return loss * float("nan") if calls["n"] >= 20 else loss
+
+    monkeypatch.setattr(loop.LossModule, "forward", nan_from_step_20)
+    cfg = tiny_config(tmp_path, train={"epochs": 3}, tracking={"enabled": False})  # 10 to 19 steps an epoch
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 20 "):
+        train_per_worker(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["epoch_000000"]
+    meta = read_meta(run_dir / "epoch_000000")
+    assert meta["best_epoch"] == 0 and 0 < meta["val_metric"] < 1
+
+
+def test_non_finite_validation_scores_stop_the_run(tmp_path, monkeypatch):
+    """A finite last loss can still leave NaN weights: the validation scores tell, and stop it."""
+    from echomamba_dist.errors import TrainingDiverged
+    from echomamba_dist.train import loop
+
+    evaluate = loop.evaluate_model
+
+    class NanScores(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def score_all(self, item_seq, seq_len):
+            return self.model.score_all(item_seq, seq_len) * float("nan")
+
+    monkeypatch.setattr(loop, "evaluate_model", lambda model, data, **kw: evaluate(NanScores(model), data, **kw))
+    cfg = tiny_config(tmp_path, tracking={"enabled": False})
+    with pytest.raises(TrainingDiverged, match=r"the validation scores of 200 of 200 users are NaN or infinite at epoch 0"):
+        train_per_worker(cfg)
+    assert checkpoint_dirs(tmp_path / "runs" / "t") == []
+
+
+def test_ray_driver_finds_the_workers_divergence():
+    """`fit` turns a worker's TrainingDiverged (behind Ray's wrappers) into the same one-line error."""
+    from echomamba_dist.errors import TrainingDiverged
+    from echomamba_dist.ray_train import worker_exception
+
+    diverged = TrainingDiverged("training diverged: the training loss is nan at epoch 2, step 9")
+
+    class WorkerGroupError(RuntimeError):  # the shape of Ray Train's: rank -> the worker's exception
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    group = WorkerGroupError({1: diverged, 0: RuntimeError("gloo: connection closed")})
+    assert worker_exception(group, TrainingDiverged) is diverged
+    try:
+        try:
+            raise diverged
+        except TrainingDiverged as inner:
+            raise RuntimeError("controller failed") from inner
+    except RuntimeError as outer:
+        assert worker_exception(outer, TrainingDiverged) is diverged
+    assert worker_exception(WorkerGroupError({0: ValueError("x")}), TrainingDiverged) is None
+
+
+def test_cli_exits_2_on_divergence_and_refuses_an_infinite_lr(tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, tracking={"enabled": False})))
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=1000000.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("echomamba train: error: training diverged:") and "\n" not in err
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=.inf"]) == 2
+    assert "train.lr: must be a finite number > 0, got inf" in capsys.readouterr().err
