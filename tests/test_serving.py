@@ -121,10 +121,21 @@ def test_batch_recommendation_on_ray_matches_in_process(trained, tmp_path):
 
     from echomamba_dist.serving import recommend_on_ray
 
+    from echomamba_dist.errors import NonFiniteScores, OutputError
+
     root, _, cfg = trained
     ds = load_dataset(experiment_from_dict(cfg).data)
+    nan_ckpt = _nan_checkpoint(root / "runs" / "serve", tmp_path / "nan")
     try:
         n = recommend_on_ray(root / "runs" / "serve", ds, tmp_path / "recs", k=3, num_actors=2)
+        first = {p.name: p.read_bytes() for p in (tmp_path / "recs").iterdir()}
+        with pytest.raises(OutputError, match="recs: output directory exists and is not empty"):
+            recommend_on_ray(root / "runs" / "serve", ds, tmp_path / "recs", k=3)
+        # issue 14: a diverged model's NaN scores are refused in the actors, nothing is written
+        with pytest.raises(NonFiniteScores, match="with NaN or infinity"):
+            recommend_on_ray(nan_ckpt, ds, tmp_path / "recs", k=3, num_actors=1, overwrite=True)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "recs").iterdir()} == first
+        assert recommend_on_ray(root / "runs" / "serve", ds, tmp_path / "recs", k=3, num_actors=1, overwrite=True) == 150
     finally:
         ray.shutdown()
     assert n == 150
@@ -135,3 +146,66 @@ def test_batch_recommendation_on_ray_matches_in_process(trained, tmp_path):
     assert on_ray["item_id"].tolist() == local["item_id"].tolist()
     np.testing.assert_allclose(on_ray["score"].to_numpy(), local["score"].to_numpy(), rtol=1e-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".recs")]  # no staging leftovers
+
+
+def _nan_checkpoint(run_dir, target):
+    """A copy of the run's newest checkpoint with every weight NaN (a diverged model)."""
+    import torch
+
+    from echomamba_dist.inference import resolve_checkpoint
+    from echomamba_dist.train.checkpoint import read_config, read_meta, read_state, write_checkpoint
+
+    src = resolve_checkpoint(run_dir)
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in read_state(src)["model"].items()}
+    return write_checkpoint(target, model_state=nan, optimizer_state=None, meta=read_meta(src),
+                            config=read_config(src), extra_state={"best_model": nan})
+
+
+def test_topk_returns_only_unseen_items_and_refuses_nan_scores(trained, tmp_path):
+    """issue 14: -k beyond the unseen items padded the list with seen items at -inf, and a NaN
+    model's scores were served as they were."""
+    from echomamba_dist.errors import NonFiniteScores
+    from echomamba_dist.serving import available_items
+
+    root, _, cfg = trained
+    ds = load_dataset(experiment_from_dict(cfg).data)
+    loaded = load_model(root / "runs" / "serve")
+    users = list(range(20))
+    seq, seq_len = pad_histories([ds.items[ds.offsets[u] : ds.offsets[u + 1]] for u in users], 10)
+    top, scores = topk_items(loaded.model, seq, seq_len, k=1000)
+    assert top.shape == (20, ds.n_items)  # at most the catalogue
+    available = available_items(ds, users, max_len=10)
+    for row, items, values, n in zip(seq, top, scores, available):
+        real = items > 0
+        assert real.sum() == n == ds.n_items - len(set(row[row > 0].tolist()))  # the unseen items, each once
+        assert not set(items[real].tolist()) & set(row.tolist())
+        assert np.isfinite(values[real]).all() and real[: n].all()  # best first, padding last
+    table = recommend_users(loaded, ds, users, k=1000).to_pandas()
+    assert table.groupby("user_id").size().sort_index().tolist() == [
+        int(n) for _, n in sorted(zip([str(ds.user_ids[u]) for u in users], available))]
+    assert np.isfinite(table["score"]).all()
+    assert (available_items(ds, users, max_len=10, exclude_history=False) == ds.n_items).all()
+
+    nan = load_model(_nan_checkpoint(root / "runs" / "serve", tmp_path / "nan"))
+    with pytest.raises(NonFiniteScores, match="scores 20 of 20 histories with NaN or infinity"):
+        topk_items(nan.model, seq, seq_len, k=5)
+
+
+def test_write_recommendations_refuses_what_it_did_not_write(trained, tmp_path):
+    from echomamba_dist.errors import OutputError
+    from echomamba_dist.serving import write_recommendations
+
+    root, _, cfg = trained
+    ds = load_dataset(experiment_from_dict(cfg).data)
+    table = recommend_users(load_model(root / "runs" / "serve"), ds, [0, 1], k=3)
+    out = tmp_path / "recs.parquet"
+    write_recommendations(table, out)
+    with pytest.raises(OutputError, match="recs.parquet: exists \\(use --overwrite"):
+        write_recommendations(table.slice(0, 3), out)
+    write_recommendations(table.slice(0, 3), out, overwrite=True)  # its own file: replaced
+    assert pq.read_table(out).num_rows == 3
+    (tmp_path / "notes.parquet").write_text("mine")
+    with pytest.raises(OutputError, match="not a recommendations file this project wrote"):
+        write_recommendations(table, tmp_path / "notes.parquet", overwrite=True)
+    assert (tmp_path / "notes.parquet").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet", "recs.parquet"]  # no temporary
