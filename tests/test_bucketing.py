@@ -113,21 +113,23 @@ def test_echomamba_filter_spans_max_len_not_the_batch_width():
 # BatchSource with bucketing
 
 
-def _samples(n: int = 301, max_len: int = MAX_LEN, seed: int = 0) -> dict[str, np.ndarray]:
+def _windows(n_users: int = 40, seed: int = 0):
+    """Prefix windows over training parts of 1..MAX_LEN + 3 items whose items are their positions
+    + 1, so that a sample is known by its target and its input must be the items just before it."""
+    from echomamba_dist.data.splits import prefix_windows
+
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, max_len + 1, size=n)
-    seq = np.zeros((n, max_len), dtype=np.int64)
-    for i, k in enumerate(lengths):
-        seq[i, :k] = rng.integers(1, N_ITEMS + 1, size=k)
-    return {"item_seq": seq, "seq_len": lengths, "target": np.arange(n)}
+    offsets = np.r_[0, np.cumsum(rng.integers(1, MAX_LEN + 4, size=n_users))]
+    return prefix_windows(offsets, np.arange(1, offsets[-1] + 1))
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_bucketed_epochs_visit_every_sample_once(world_size):
-    samples = _samples()
+    windows = _windows()
     cpu = torch.device("cpu")
     sources = [
-        BatchSource(samples, global_batch=32, seed=5, rank=r, world_size=world_size, bucketing=True, bucket_window=3)
+        BatchSource(windows, max_len=MAX_LEN, global_batch=32, seed=5, rank=r, world_size=world_size,
+                    bucketing=True, bucket_window=3)  # fmt: skip
         for r in range(world_size)
     ]
     orders = []
@@ -138,20 +140,19 @@ def test_bucketed_epochs_visit_every_sample_once(world_size):
                 width = batch["item_seq"].shape[1]
                 assert width <= MAX_LEN
                 assert width == int(batch["seq_len"].max())  # padded only to its longest
-                rows = batch["target"].numpy()
-                assert np.array_equal(batch["item_seq"].numpy(), samples["item_seq"][rows, :width])
-                assert not samples["item_seq"][rows, width:].any()  # only padding was cut
-                seen.extend(rows.tolist())
-        assert sorted(seen) == list(range(len(samples["seq_len"])))  # each sample exactly once
+                for row, n, t in zip(batch["item_seq"].tolist(), batch["seq_len"].tolist(), batch["target"].tolist()):
+                    assert row == list(range(t - n, t)) + [0] * (width - n)  # the n items before t
+                seen.extend((batch["target"].numpy() - 1).tolist())  # the target's position
+        assert sorted(seen) == windows.end.tolist()  # each sample exactly once
         orders.append(seen)
     assert orders[0] != orders[1]  # reshuffled every epoch
 
 
 def test_bucketing_groups_lengths_and_keeps_batch_membership_deterministic():
-    samples = _samples(n=2000)
-    on = BatchSource(samples, global_batch=64, seed=1, bucketing=True, bucket_window=8)
-    off = BatchSource(samples, global_batch=64, seed=1, bucketing=False)
-    lengths = samples["seq_len"]
+    windows = _windows(n_users=260)
+    on = BatchSource(windows, max_len=MAX_LEN, global_batch=64, seed=1, bucketing=True, bucket_window=8)
+    off = BatchSource(windows, max_len=MAX_LEN, global_batch=64, seed=1, bucketing=False)
+    lengths = np.minimum(windows.lengths(), MAX_LEN)
 
     def spread(source):  # mean range of lengths inside a batch
         return np.mean([np.ptp(lengths[b]) for b in source.batch_indices(0)])

@@ -1,16 +1,20 @@
-"""Leave-one-out, history matrices and the two training-sample modes, on hand-made sequences."""
+"""Leave-one-out, history matrices and the two training-sample modes (windows), on hand-made sequences."""
 
 from __future__ import annotations
 
 import numpy as np
 
+import pytest
+
 from echomamba_dist.data.splits import (
-    all_position_samples,
+    all_position_windows,
+    build_windows,
     history_matrix,
     leave_one_out,
     pad_left,
     pad_right,
-    prefix_samples,
+    prefix_windows,
+    window_batch,
 )
 
 # user 0: 1..5, user 1: [7] (1 item), user 2: [8, 9] (2 items), user 3: [4, 3, 2]
@@ -36,15 +40,25 @@ def test_history_matrix_cut_truncation_and_padding():
     assert seq.dtype == np.int64 and seq_len.dtype == np.int64
 
 
+def rows(windows, max_len):
+    """Every sample of `windows` as padded rows."""
+    return window_batch(windows, np.arange(len(windows)), max_len=max_len)
+
+
 def test_prefix_samples():
     s = leave_one_out(OFFSETS, ITEMS)
-    seq, seq_len, target = prefix_samples(s.train_offsets, s.train_items, max_len=2)
+    windows = prefix_windows(s.train_offsets, s.train_items)
+    assert windows.end.tolist() == [1, 2, 5] and windows.lengths().tolist() == [1, 2, 1]
+    assert windows.end.dtype == np.int32  # 4 bytes a sample
+    assert windows.items is s.train_items and windows.offsets is s.train_offsets  # shared, not copied
+    seq, seq_len, target = rows(windows, max_len=2)
     # user 0 train [1, 2, 3]: [1]->2, [1, 2]->3; user 2 train [8, 9]: [8]->9; users 1 and 3: none
     assert seq.tolist() == [[1, 0], [1, 2], [8, 0]]
     assert seq_len.tolist() == [1, 2, 1]
     assert target.tolist() == [2, 3, 9]
-    seq, seq_len, target = prefix_samples(np.array([0, 4]), np.array([5, 6, 7, 8]), max_len=2)
+    seq, seq_len, target = rows(prefix_windows(np.array([0, 4]), np.array([5, 6, 7, 8])), max_len=2)
     assert seq.tolist() == [[5, 0], [5, 6], [6, 7]] and target.tolist() == [6, 7, 8]
+    assert all(a.dtype == np.int64 for a in (seq, seq_len, target))
 
 
 def test_prefix_inputs_never_contain_their_target_position():
@@ -52,7 +66,7 @@ def test_prefix_inputs_never_contain_their_target_position():
     lengths = rng.integers(0, 12, size=50)
     offsets = np.r_[0, np.cumsum(lengths)]
     items = np.arange(1, offsets[-1] + 1)  # unique items: position is identifiable
-    seq, seq_len, target = prefix_samples(offsets, items, max_len=4)
+    seq, seq_len, target = rows(prefix_windows(offsets, items), max_len=4)
     assert len(target) == np.maximum(lengths - 1, 0).sum()
     for row, n, t in zip(seq, seq_len, target):
         assert n >= 1 and (row[:n] < t).all() and (row[n:] == 0).all()
@@ -60,12 +74,32 @@ def test_prefix_inputs_never_contain_their_target_position():
 
 
 def test_all_position_samples():
-    seq, seq_len, target = all_position_samples(np.array([0, 4, 5, 7]), np.array([5, 6, 7, 8, 9, 1, 2]), max_len=5)
+    windows = all_position_windows(np.array([0, 4, 5, 7]), np.array([5, 6, 7, 8, 9, 1, 2]))
+    assert windows.end.tolist() == [3, 6] and windows.lengths().tolist() == [3, 1]  # one window a user
+    seq, seq_len, target = rows(windows, max_len=5)
     assert seq.tolist() == [[5, 6, 7, 0, 0], [1, 0, 0, 0, 0]]
     assert target.tolist() == [[6, 7, 8, 0, 0], [2, 0, 0, 0, 0]]
     assert seq_len.tolist() == [3, 1]
-    seq, seq_len, target = all_position_samples(np.array([0, 4]), np.array([5, 6, 7, 8]), max_len=2)
+    seq, seq_len, target = rows(all_position_windows(np.array([0, 4]), np.array([5, 6, 7, 8])), max_len=2)
     assert seq.tolist() == [[6, 7]] and target.tolist() == [[7, 8]] and seq_len.tolist() == [2]
+
+
+def test_window_batch_of_some_samples_trimmed_and_of_none():
+    windows = prefix_windows(np.array([0, 4, 7]), np.array([5, 6, 7, 8, 1, 2, 3]))
+    seq, seq_len, target = window_batch(windows, np.array([4, 0, 2]), max_len=3)
+    # sample 4 is [1, 2] -> 3; sample 0 is [5] -> 6; sample 2 is [5, 6, 7] -> 8
+    assert seq.tolist() == [[1, 2, 0], [5, 0, 0], [5, 6, 7]] and seq_len.tolist() == [2, 1, 3]
+    assert target.tolist() == [3, 6, 8]
+    seq, seq_len, target = window_batch(windows, np.array([4, 0]), max_len=3, trim=True)
+    assert seq.tolist() == [[1, 2], [5, 0]] and target.tolist() == [3, 6]  # as wide as the longest
+    seq, seq_len, target = window_batch(all_position_windows(np.array([0, 4, 7]), np.array([5, 6, 7, 8, 1, 2, 3])),
+                                        np.array([1]), max_len=5, trim=True)  # fmt: skip
+    assert seq.tolist() == [[1, 2]] and target.tolist() == [[2, 3]]
+    seq, seq_len, target = window_batch(windows, np.zeros(0, dtype=np.int64), max_len=3)
+    assert seq.shape == (0, 3) and seq_len.shape == target.shape == (0,)
+    assert len(build_windows(np.array([0, 0, 1]), np.array([4]), "prefix")) == 0  # no user has 2 items
+    with pytest.raises(ValueError, match="unknown sample mode 'next'"):
+        build_windows(np.array([0, 4]), np.array([5, 6, 7, 8]), "next")
 
 
 def test_pad_helpers():
@@ -84,7 +118,8 @@ def test_vectorised_on_a_large_log():
     items = rng.integers(1, 1000, size=offsets[-1])
     start = time.perf_counter()
     s = leave_one_out(offsets, items)
-    prefix_samples(s.train_offsets, s.train_items, 50)
-    all_position_samples(s.train_offsets, s.train_items, 50)
+    for mode in ("prefix", "all_positions"):
+        windows = build_windows(s.train_offsets, s.train_items, mode)
+        window_batch(windows, np.arange(len(windows)), max_len=50)
     history_matrix(offsets, items, s.test_users, cut=1, max_len=50)
     assert time.perf_counter() - start < 5.0
