@@ -201,6 +201,16 @@ def _ratio(a: float, b: float, empty: float | None = math.nan) -> float | None:
     return a / b if b else empty
 
 
+# Peaks below this are page-granular noise of the RSS mark (one page is 0.004 MiB, and the
+# allocator may reuse pages freed just before): a ratio of two such peaks means nothing.
+_MIN_PEAK_MIB = 1.0
+
+
+def _peak_ratio(peak: float, reference: float) -> float | None:
+    """peak / reference, or None when either is below _MIN_PEAK_MIB (nothing to compare)."""
+    return peak / reference if min(peak, reference) >= _MIN_PEAK_MIB else None
+
+
 def _table(title: str, results: dict) -> str:
     ref = results.get("reference")
     rows = [title, f"{'backend':<10} {'fwd s':>8} {'bwd s':>8} {'fwd+bwd s':>10} {'cpu s':>8} "
@@ -269,8 +279,9 @@ def main(argv=None) -> int:
     if scan["reference"] and scan["cpu"]:
         ratios = {
             "cpu_speedup_vs_reference": scan["reference"]["fwd_bwd_s"] / scan["cpu"]["fwd_bwd_s"],
-            # None when the reference's peak rounds to 0 MiB (tiny shapes: nothing to compare)
-            "cpu_peak_memory_vs_reference": _ratio(scan["cpu"]["peak_mib"], scan["reference"]["peak_mib"], None),
+            # None when either peak is below what the RSS mark resolves (tiny shapes: nothing to
+            # compare); a 0 there is noise, not a ratio of 0
+            "cpu_peak_memory_vs_reference": _peak_ratio(scan["cpu"]["peak_mib"], scan["reference"]["peak_mib"]),
         }
         mem = ratios["cpu_peak_memory_vs_reference"]
         print(f"cpu vs reference: {ratios['cpu_speedup_vs_reference']:.2f}x faster, "

@@ -172,6 +172,26 @@ def gather_last(x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
     return x[rows, seq_len - 1]
 
 
+def dropout_at(
+    dropout: nn.Dropout,
+    values: torch.Tensor,
+    full_shape: tuple[int, ...],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """`dropout` applied to a (B, L, H) tensor, then read at (rows, positions); given only the
+    values read, (B, H).
+
+    The mask is `dropout` of a tensor of ones of `full_shape`: the random numbers depend on the
+    shape, not the values, so a model that computes only the positions it reads draws the same
+    mask as one that computes them all, and the two train alike.
+    """
+    if not dropout.training or dropout.p == 0:
+        return values
+    mask = dropout(values.new_ones(full_shape))  # (B, L, H): 0 or 1 / (1 - p)
+    return values * mask[rows, positions]  # (B, H)
+
+
 def reverse_by_length(x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
     """Reverse each row's first seq_len positions; padding stays at the end.
 

@@ -24,6 +24,14 @@ position-wise, so `last` gathers the same way without loss of generality.
 
 The filter and the backward direction look at later positions, so the model trains on prefix
 samples: its input never contains the target.
+
+Only what the readout reads is computed (`fast_path`, on by default): the last layer's forward
+Mamba runs its scan over every position but projects out only at the last real one, and with
+`last` its backward direction there has seen exactly one item (the newest, first after the
+reversal), so it is the backward Mamba applied to a length-1 sequence: no scan over L. Norms,
+combine, GLU and FFN run at the gathered positions; earlier layers still need every position.
+Dropout masks are drawn at full size (`base.dropout_at`), so training draws the same numbers as
+the full computation (`fast_path=False`), which is kept as the reference.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from echomamba_dist.models.base import (
     check_dropout,
     check_min,
     check_scan_backend,
+    dropout_at,
     gather_last,
     init_weights,
     padding_mask,
@@ -71,6 +80,9 @@ class EchoMamba4RecConfig:
     ffn: bool = False  # position-wise feed-forward after the GLU (not in eqs. 11-20)
     ffn_inner_size: int = 256  # FFN inner width (4 * H)
     scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
+    # compute only what the readout reads, channel-last Mamba with the fused conv; the same
+    # results (module docstring). False: the unoptimised path (reference, benchmarks).
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         sizes = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ffn_inner_size")
@@ -108,6 +120,7 @@ class EchoMambaLayer(nn.Module):
                 dropout=config.dropout,
                 init_scale=config.filter_init_scale,
                 lowpass=config.filter_lowpass,
+                fast_path=config.fast_path,
             )
             if config.filter
             else None
@@ -144,6 +157,39 @@ class EchoMambaLayer(nn.Module):
         bwd = self.backward_norm(x + self.dropout(bwd))
         return fwd, bwd
 
+    def read(
+        self,
+        x: torch.Tensor,
+        seq_len: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        readout: Literal["last", "ends"],
+    ) -> torch.Tensor:
+        """The layer read out (module docstring): (B, L, H) -> (B, H), computing only that.
+
+        Equals `merge` of `directions` gathered at the readout's positions, with the same
+        dropout draws.
+        """
+        x = x * mask
+        if self.filter is not None:
+            x = self.filter(x) * mask  # (B, L, H): every position feeds the forward scan
+        rows = torch.arange(x.shape[0], device=x.device)
+        last = seq_len - 1  # (B,)
+        x_last = x[rows, last]  # (B, H)
+        fwd = self.forward_mamba(x, positions=last)  # (B, H)
+        fwd = self.forward_norm(x_last + dropout_at(self.dropout, fwd, x.shape, rows, last))
+        if self.backward_mamba is None:
+            return self.merge(fwd, None)
+        if readout == "last":
+            # reversed, the last real item comes first: the causal block there sees it alone
+            bwd = self.backward_mamba(x_last[:, None])[:, 0]  # (B, H)
+            at, x_at = last, x_last
+        else:  # "ends": position 0, where the reversed scan ends, at reversed position seq_len - 1
+            bwd = self.backward_mamba(reverse_by_length(x, seq_len), positions=last)  # (B, H)
+            at, x_at = torch.zeros_like(last), x[:, 0]
+        bwd = self.backward_norm(x_at + dropout_at(self.dropout, bwd, x.shape, rows, at))
+        return self.merge(fwd, bwd)  # (B, H)
+
     def merge(self, fwd: torch.Tensor, bwd: torch.Tensor | None) -> torch.Tensor:
         """Position-wise: combine the directions, then GLU and FFN; (..., H) -> (..., H)."""
         if bwd is None:
@@ -166,16 +212,20 @@ def read_out(
     mask: torch.Tensor,
     *,
     readout: Literal["last", "ends"],
+    fast_path: bool = False,
 ) -> torch.Tensor:
     """Run EchoMambaLayers over (B, L, H) embeddings and read the last layer out -> (B, H).
 
     `mask` (B, L, 1) marks the real positions. The last layer's `merge` is position-wise, so its
     two directions are gathered first (`readout`, module docstring) and merged as (B, H).
+    `fast_path`: the last layer computes only what is read (`EchoMambaLayer.read`), same result.
     """
     for layer in layers[:-1]:
         x = layer(x, seq_len, mask)  # (B, L, H)
 
     last = layers[-1]
+    if fast_path:
+        return last.read(x, seq_len, mask, readout=readout)  # (B, H)
     fwd, bwd = last.directions(x, seq_len, mask)  # (B, L, H) each
     fwd = gather_last(fwd, seq_len)  # (B, H)
     if bwd is not None:
@@ -198,4 +248,6 @@ class EchoMamba4Rec(NormedEmbeddingRecommender):
         """(B, L) right-padded items, (B,) lengths -> (B, H)."""
         mask = padding_mask(seq_len, item_seq.shape[1])[:, :, None]  # (B, L, 1)
         x = self.embed(item_seq)  # (B, L, H)
-        return read_out(self.layers, x, seq_len, mask, readout=self.config.readout)  # (B, H)
+        return read_out(
+            self.layers, x, seq_len, mask, readout=self.config.readout, fast_path=self.config.fast_path
+        )  # (B, H)

@@ -19,6 +19,12 @@ The selective scan runs through `echomamba_dist.ops.selective_scan` (backends re
 cuda); the depthwise causal convolution uses causal-conv1d's kernel on the `cuda` backend when
 that package imports, else `nn.Conv1d`. Neither mamba-ssm nor causal-conv1d is imported before a
 CUDA forward asks for them.
+
+`use_fast_path` (True by default, as in mamba_ssm) picks, off the `cuda` backend, the
+channel-last path: the (B, L, .) tensors from `in_proj` to `out_proj` are never transposed into
+copies, and the convolution + SiLU is `ops.causal_conv1d.causal_conv1d_silu` (a fused CPU
+kernel: `nn.Conv1d`'s CPU backward cost as much as all the matrix multiplies of a step). Same
+math, same parameters; False keeps the channel-first path with `nn.Conv1d`.
 """
 
 from __future__ import annotations
@@ -31,14 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from echomamba_dist.ops.causal_conv1d import causal_conv1d_silu
 from echomamba_dist.ops.selective_scan import Backend, resolve_backend, selective_scan
 
 
 class Mamba(nn.Module):
     """One Mamba block: (B, L, d_model) -> (B, L, d_model), causal along L.
 
-    Args mirror `mamba_ssm.Mamba` (`use_fast_path`, `layer_idx`, `device`, `dtype` are accepted
-    for signature compatibility; `use_fast_path` and `layer_idx` have no effect here).
+    Args mirror `mamba_ssm.Mamba` (`layer_idx`, `device`, `dtype` are accepted for signature
+    compatibility; `layer_idx` has no effect here). `use_fast_path`: the channel-last path with
+    the fused conv off the `cuda` backend (module docstring); the same outputs either way.
     `scan_backend` (keyword-only) picks the selective-scan backend: auto, reference, cpu or cuda.
 
     Initialisation happens here, as in mamba_ssm; `models.base.init_weights` leaves this
@@ -122,36 +130,70 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model); the output at t depends on inputs 0..t only."""
-        length = hidden_states.shape[1]
-        backend = resolve_backend(self.scan_backend, hidden_states.device)
+    def forward(
+        self, hidden_states: torch.Tensor, *, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model); the output at t depends on inputs 0..t only.
 
+        `positions` (B,) long: only the output at positions[b] of each row, (B, d_model); the
+        scan still runs over all L, but `out_proj` sees B rows instead of B * L.
+        """
+        backend = resolve_backend(self.scan_backend, hidden_states.device)
+        if self.use_fast_path and backend != "cuda":
+            y = self._mix_channel_last(hidden_states, backend)  # (B, L, d_inner)
+        else:
+            y = self._mix(hidden_states, backend).transpose(1, 2)  # (B, L, d_inner)
+        if positions is not None:
+            y = y[torch.arange(y.shape[0], device=y.device), positions]  # (B, d_inner)
+        return self.out_proj(y)  # (B, L, d_model) or (B, d_model)
+
+    def _scan_args(self) -> dict[str, Any]:
+        # dt_proj's bias is not added to dt: the scan adds it before the softplus (delta_bias).
+        return {
+            "A": -torch.exp(self.A_log.float()),  # (d_inner, d_state)
+            "D": self.D.float(),
+            "delta_bias": self.dt_proj.bias.float(),
+            "delta_softplus": True,
+        }
+
+    def _mix(self, hidden_states: torch.Tensor, backend: str) -> torch.Tensor:
+        """Channel-first: (B, L, d_model) -> scan output (B, d_inner, L)."""
+        length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
         x = self._causal_conv_silu(x, length, backend)  # (B, d_inner, L)
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj's bias is not added here: the scan adds it before the softplus (delta_bias).
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
         B = B.transpose(1, 2).contiguous()  # (B, d_state, L)
         C = C.transpose(1, 2).contiguous()  # (B, d_state, L)
-        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        return selective_scan(x, dt, B=B, C=C, z=z, backend=backend, **self._scan_args())
 
+    def _mix_channel_last(self, hidden_states: torch.Tensor, backend: str) -> torch.Tensor:
+        """Channel-last, no copies: (B, L, d_model) -> scan output (B, L, d_inner).
+
+        The scan takes (B, D, L)-shaped arguments; they are transposed views of (B, L, .)
+        memory here, which the CPU kernel reads in place, and its output comes back the same way.
+        """
+        xz = self.in_proj(hidden_states)  # (B, L, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) views
+        weight = self.conv1d.weight[:, 0]  # (d_inner, d_conv)
+        x = causal_conv1d_silu(x, weight, self.conv1d.bias)  # (B, L, d_inner)
+
+        x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner)
         y = selective_scan(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
+            x.transpose(1, 2),
+            dt.transpose(1, 2),
+            B=B.transpose(1, 2),  # (B, d_state, L) views of (B, L, d_state)
+            C=C.transpose(1, 2),
+            z=z.transpose(1, 2),
             backend=backend,
+            **self._scan_args(),
         )  # (B, d_inner, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        return y.transpose(1, 2)  # (B, L, d_inner)
 
     def _causal_conv_silu(self, x: torch.Tensor, length: int, backend: str) -> torch.Tensor:
         """SiLU(depthwise causal conv1d(x)): (B, d_inner, L) -> (B, d_inner, L)."""
@@ -189,12 +231,14 @@ def set_scan_backend(module: nn.Module, backend: Backend) -> None:
 
 
 def mamba_from_config(config: Any) -> Mamba:
-    """A Mamba block of width `config.hidden_size` with the config's d_state, d_conv, expand and
-    scan_backend (the other arguments at mamba_ssm's defaults)."""
+    """A Mamba block of width `config.hidden_size` with the config's d_state, d_conv, expand,
+    scan_backend and `fast_path` (as use_fast_path; True where the config has none), the other
+    arguments at mamba_ssm's defaults."""
     return Mamba(
         d_model=config.hidden_size,
         d_state=config.d_state,
         d_conv=config.d_conv,
         expand=config.expand,
+        use_fast_path=getattr(config, "fast_path", True),
         scan_backend=config.scan_backend,
     )

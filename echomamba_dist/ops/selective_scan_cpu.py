@@ -5,7 +5,8 @@ The reference materialises several (B, D, N) tensors per step and autograd keeps
 memory grows as B*D*L*N. Here each (batch, channel) pair runs its whole recurrence with the
 N-vector state in a small array; the forward keeps only its inputs and the step sizes dt
 (B, D, L), and the backward recomputes the states of one (b, d) pair at a time into an (L+1, N)
-scratch before running the adjoint recurrence backwards in time. Peak memory is the inputs, the
+scratch before running the adjoint recurrence backwards in time. Per-step tensors live as
+(B, L, D) memory (channel-last, as the Mamba block produces them). Peak memory is the inputs, the
 output, dt and the gradients: O(B*D*L + B*L*N), never B*D*L*N.
 
 Work is split over (b, d) pairs and run on as many threads as `torch.get_num_threads()`.
@@ -121,10 +122,10 @@ def _exp_overload(x):
 
 
 # --- kernels -------------------------------------------------------------------------------------
-# Everything is fused per (b, d) pair except softplus (a log1p, which torch vectorises and we
-# have no vectorisable version of): the forward's skip and gate, the backward's gate and softplus
-# slopes run as loops over t inside the kernels, so a backward is one kernel launch plus a few
-# small sums, not two dozen elementwise torch passes over (B, D, L) tensors.
+# Everything is fused per (b, d) pair except the elementwise functions of whole (B, D, L) tensors
+# (softplus, SiLU(z), sigmoid(z), softplus's slope), which torch vectorises: the forward's skip
+# and gate and the backward's gate run inside the kernels' loops over t, so a backward is one
+# kernel launch plus a few small sums, not two dozen elementwise torch passes.
 #
 # Parallelism: each kernel is a serial, GIL-free function over one work item (a range of (b, d)
 # pairs), and `_run_items` spreads the items over a thread pool sized like torch's. Numba's own
@@ -136,10 +137,14 @@ def _exp_overload(x):
 # overwrite it), which kept the loops over N from vectorising.
 
 
-@_jit(fastmath=_KERNEL_FASTMATH, nogil=True)
-def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
-    """out[b, d, :] for the flattened (b, d) pairs start..stop-1; h: (N,) scratch."""
-    d_inner, length = u.shape[1], u.shape[2]
+# The per-step tensors (u, dt, the gate, dout and the (B, D, L) results) come channel-last:
+# (B, L, D) C-contiguous arrays, indexed [b, t, d]. The Mamba block's channel-last path hands
+# them over without a copy, and one layout means one compiled specialisation per dtype (strided
+# views would compile one per combination of layouts, seconds each).
+@_jit(fastmath=_KERNEL_FASTMATH, nogil=True, error_model="numpy")
+def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, gate, has_D, has_z, start, stop, out, h):
+    """out[b, :, d] for the flattened (b, d) pairs start..stop-1; gate: SiLU(z); h: (N,) scratch."""
+    length, d_inner = u.shape[1], u.shape[2]
     n_state = A.shape[1]
     one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
     zero = one - one
@@ -147,11 +152,12 @@ def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
         b = bd // d_inner
         d = bd - b * d_inner
         A_d = A[d]
-        out_bd = out[b, d]
+        D_d = Dv[d]
         h[:] = 0
         for t in range(length):
-            dt_t = dt[b, d, t]
-            dtu = dt_t * u[b, d, t]
+            dt_t = dt[b, t, d]
+            u_t = u[b, t, d]
+            dtu = dt_t * u_t
             B_t = Bt[b, t]
             C_t = Ct[b, t]
             y_t = zero
@@ -159,34 +165,34 @@ def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, z, has_D, has_z, start, stop, out, h):
                 h_n = _exp(dt_t * A_d[n]) * h[n] + dtu * B_t[n]
                 h[n] = h_n
                 y_t += h_n * C_t[n]
-            out_bd[t] = y_t
-        if has_D:
-            D_d = Dv[d]
-            u_bd = u[b, d]
-            for t in range(length):
-                out_bd[t] += D_d * u_bd[t]
-        if has_z:
-            z_bd = z[b, d]
-            for t in range(length):
-                out_bd[t] *= z_bd[t] / (one + _exp(-z_bd[t]))  # SiLU
+            if has_D:
+                y_t += D_d * u_t
+            if has_z:
+                y_t *= gate[b, t, d]
+            out[b, t, d] = y_t
 
 
-@_jit(fastmath=_KERNEL_FASTMATH, nogil=True)
+@_jit(fastmath=_KERNEL_FASTMATH, nogil=True, error_model="numpy")
 def _scan_bwd_block(
-    u, dt, A, Bt, Ct, Dv, z, delta, bias, dout, has_z, softplus, b0, b1, d0, d1,
+    u, dt, A, Bt, Ct, Dv, gate, dgate, slope, dout, has_z, softplus, b0, b1, d0, d1,
     du, ddelta, dz, dA_acc, dBt_acc, dCt_acc, dD_acc, dbias_acc,
-    hs, decays, h, lam_next, ys, gy, sig_z, slope,
+    hs, decays, h, lam_next, ys,
 ):  # fmt: skip
     """Gradients from the pairs b0 <= b < b1, d0 <= d < d1, recomputing their forward states.
 
-    Dv and bias are zeros when the scan had none. du, ddelta and dz are written for these pairs;
-    dA_acc (D, N), dBt_acc and dCt_acc (B, L, N), dD_acc and dbias_acc (D,) are added to.
-    Scratch: hs (L+1, N): hs[t + 1] is the state after step t, hs[0] = 0; decays (L, N):
-    exp(dt_t * A[d]); h (N,): the running state; lam_next (N,): dL/dh_{t+1} * decay_{t+1},
-    the share of dL/dh_t that comes from later steps; ys (L,): <h_t, C_t>; gy (L,): dL/dy
-    before the gate; sig_z (L,): sigmoid(z); slope (L,): d dt / d delta.
+    Computed by torch, vectorised: gate = SiLU(z) and dgate = SiLU'(z); slope, softplus's slope
+    at delta + bias (torch's: 1 above its threshold). Dv is zeros when the scan had none.
+    du, ddelta and dz are written for these pairs; dA_acc (D, N), dBt_acc and dCt_acc (B, L, N),
+    dD_acc and dbias_acc (D,) are added to. Scratch: hs (L+1, N): hs[t + 1] is the state after
+    step t, hs[0] = 0; decays (L, N): exp(dt_t * A[d]); h (N,): the running state; lam_next
+    (N,): dL/dh_{t+1} * decay_{t+1}, the share of dL/dh_t that comes from later steps; ys (L,):
+    <h_t, C_t>.
+
+    Steps after a pair's last nonzero dout get no gradient from anywhere (the adjoint is zero
+    there), so each pair runs only up to it: a model that reads one position per row (the
+    gathered readout) pays for the steps up to that position, not for the padding after it.
     """
-    length = u.shape[2]
+    full_length = u.shape[1]
     n_state = A.shape[1]
     one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
     zero = one - one
@@ -196,31 +202,19 @@ def _scan_bwd_block(
             A_d = A[d]
             D_d = Dv[d]
             dA_d = dA_acc[d]
-            u_bd = u[b, d]
-            dout_bd = dout[b, d]
-            # Elementwise parts, vectorised over t: the gate, and softplus's slope (as torch's
-            # softplus backward: 1 above the threshold, sigmoid below).
-            if has_z:
-                z_bd = z[b, d]
-                for t in range(length):
-                    sig_z[t] = one / (one + _exp(-z_bd[t]))
-                for t in range(length):
-                    gy[t] = dout_bd[t] * z_bd[t] * sig_z[t]
-            else:
-                for t in range(length):
-                    gy[t] = dout_bd[t]
-            if softplus:
-                delta_bd = delta[b, d]
-                bias_d = bias[d]
-                for t in range(length):
-                    x = delta_bd[t] + bias_d
-                    s = one / (one + _exp(-x))
-                    slope[t] = one if x > _SOFTPLUS_THRESHOLD else s
+            length = full_length
+            while length > 0 and dout[b, length - 1, d] == 0:
+                length -= 1
+            for t in range(length, full_length):
+                du[b, t, d] = zero
+                ddelta[b, t, d] = zero
+                if has_z:
+                    dz[b, t, d] = zero
             # Recompute the forward pass of this pair.
             h[:] = 0
             for t in range(length):
-                dt_t = dt[b, d, t]
-                dtu = dt_t * u_bd[t]
+                dt_t = dt[b, t, d]
+                dtu = dt_t * u[b, t, d]
                 B_t = Bt[b, t]
                 h_t = hs[t + 1]
                 decay_t = decays[t]
@@ -241,9 +235,12 @@ def _scan_bwd_block(
             dD_d = zero
             dbias_d = zero
             for t in range(length - 1, -1, -1):
-                g = gy[t]
-                ut = u_bd[t]
-                dt_t = dt[b, d, t]
+                g = dout[b, t, d]
+                if has_z:
+                    dz[b, t, d] = g * (ys[t] + D_d * u[b, t, d]) * dgate[b, t, d]
+                    g *= gate[b, t, d]  # dL/dy before the gate
+                ut = u[b, t, d]
+                dt_t = dt[b, t, d]
                 dtu = dt_t * ut
                 B_t = Bt[b, t]
                 C_t = Ct[b, t]
@@ -266,18 +263,12 @@ def _scan_bwd_block(
                     lam_b += lam_n * B_t[n]
                     lam_next[n] = lam_n * decay_t[n]
                 ddt = lam_h_a_A + lam_b * ut
-                du[b, d, t] = lam_b * dt_t + g * D_d
+                du[b, t, d] = lam_b * dt_t + g * D_d
                 dD_d += g * ut
                 if softplus:
-                    ddt *= slope[t]
-                ddelta[b, d, t] = ddt
+                    ddt *= slope[b, t, d]
+                ddelta[b, t, d] = ddt
                 dbias_d += ddt
-            if has_z:
-                dz_bd = dz[b, d]
-                for t in range(length):
-                    zt = z_bd[t]
-                    s = sig_z[t]
-                    dz_bd[t] = dout_bd[t] * (ys[t] + D_d * u_bd[t]) * s * (one + zt * (one - s))
             dD_acc[d] += dD_d
             dbias_acc[d] += dbias_d
 
@@ -316,32 +307,42 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _steps(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, D, L) tensor as (B, L, D) C-contiguous memory in `dtype`: free for the channel-last
+    views of the Mamba block, a copy otherwise."""
+    return t.detach().to(dtype).transpose(1, 2).contiguous()
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-        d_inner = u.shape[1]
+        batch, d_inner, length = u.shape
 
         def prep(t):
             return None if t is None else t.detach().to(compute).contiguous()
 
-        u_c, delta_c, A_c, z_c = map(prep, (u, delta, A, z))
+        u_c = _steps(u, compute)  # (B, L, D), as the other per-step tensors below
+        delta_c = _steps(delta, compute)
+        z_c = None if z is None else _steps(z, compute)
+        A_c = prep(A)
         Bt = prep(B.transpose(1, 2))  # (B, L, N); free when B is already laid out this way
         Ct = prep(C.transpose(1, 2))
         zeros = torch.zeros(d_inner, dtype=compute)
         D_c = zeros if D is None else prep(D)
         bias_c = zeros if delta_bias is None else prep(delta_bias)
-        dt = delta_c if delta_bias is None else delta_c + bias_c[:, None]
+        dt = delta_c if delta_bias is None else delta_c + bias_c
         if delta_softplus:
             dt = F.softplus(dt)
 
         out = torch.empty_like(u_c)
         threads = torch.get_num_threads()
-        pairs = u.shape[0] * d_inner
+        pairs = batch * d_inner
         n_items = 1 if threads == 1 else max(1, min(pairs, threads * _ITEMS_PER_THREAD))
+        gate = u_c if z_c is None else F.silu(z_c)
         arrays = (
             _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
-            _np(u_c if z_c is None else z_c), D is not None, z is not None,
+            _np(gate), D is not None, z is not None,
         )  # fmt: skip
         n_state = A.shape[1]
         items = [
@@ -351,20 +352,20 @@ class _SelectiveScanCPU(torch.autograd.Function):
         ]  # fmt: skip
         _run_items(_scan_fwd_pairs, items, threads)
 
-        # dt is kept (one (B, D, L) tensor) rather than recomputed: softplus is the one
-        # elementwise step the kernels leave to torch.
+        # dt is kept (one (B, L, D) tensor) rather than recomputed: the elementwise functions
+        # are left to torch.
         ctx.save_for_backward(u_c, dt, A_c, Bt, Ct, D_c, z_c, delta_c, bias_c)
         ctx.softplus = bool(delta_softplus)
         inputs = (u, delta, A, B, C, D, z, delta_bias)
         ctx.dtypes = [None if t is None else t.dtype for t in inputs]
-        return out.to(u.dtype)
+        return out.to(u.dtype).transpose(1, 2)  # (B, D, L), channel-last memory
 
     @staticmethod
     def backward(ctx, dout):
         u_c, dt, A_c, Bt, Ct, D_c, z_c, delta_c, bias_c = ctx.saved_tensors
-        batch, d_inner, length = u_c.shape
+        batch, length, d_inner = u_c.shape
         n_state = A_c.shape[1]
-        dout = dout.to(u_c.dtype).contiguous()
+        dout = _steps(dout, u_c.dtype)
 
         threads = torch.get_num_threads()
         items = threads * _ITEMS_PER_THREAD
@@ -387,10 +388,19 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dD_part = partial(n_bchunks, d_inner)
         dbias_part = partial(n_bchunks, d_inner)
 
+        # The elementwise functions, vectorised by torch (in the kernels' loops over t their
+        # exps ran one scalar at a time): the gate SiLU(z), its slope, and softplus's slope.
+        gate = dgate = slope = u_c  # placeholders where unused
+        if z_c is not None:
+            sig = torch.sigmoid(z_c)
+            gate = z_c * sig
+            dgate = sig * (1 + z_c * (1 - sig))
+        if ctx.softplus:
+            x = delta_c + bias_c
+            slope = torch.where(x > _SOFTPLUS_THRESHOLD, torch.ones_like(x), torch.sigmoid(x))
         inputs = (
             _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
-            _np(u_c if z_c is None else z_c), _np(delta_c), _np(bias_c), _np(dout),
-            z_c is not None, ctx.softplus,
+            _np(gate), _np(dgate), _np(slope), _np(dout), z_c is not None, ctx.softplus,
         )  # fmt: skip
         outputs = (_np(du), _np(ddelta), _np(dz))
         parts = [_np(p) for p in (dA_part, dBt_part, dCt_part, dD_part, dbias_part)]
@@ -403,7 +413,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
                 np.empty((length, n_state), dtype),  # decays
                 np.empty(n_state, dtype),  # h
                 np.empty(n_state, dtype),  # lam_next
-                *(np.empty(length, dtype) for _ in range(4)),  # ys, gy, sig_z, slope
+                np.empty(length, dtype),  # ys
             )
             return (
                 *inputs,
@@ -419,18 +429,84 @@ class _SelectiveScanCPU(torch.autograd.Function):
             return part[0] if part.shape[0] == 1 else part.sum(0)
 
         grads = (
-            du,
-            ddelta,
+            du.transpose(1, 2),  # (B, D, L) views of (B, L, D) memory
+            ddelta.transpose(1, 2),
             total(dA_part),
             total(dBt_part).transpose(1, 2),  # back to (B, N, L)
             total(dCt_part).transpose(1, 2),
             total(dD_part),
-            dz if z_c is not None else None,
+            dz.transpose(1, 2) if z_c is not None else None,
             total(dbias_part),
         )
         return (
             *(
                 grad.to(dtype) if needed and grad is not None else None
+                for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)
+            ),
+            None,
+        )
+
+
+class _OneStepScan(torch.autograd.Function):
+    """The scan of length-1 sequences in closed form, all (B, D) tensors: from the zero state,
+    h = dt * u * B, so y = u * (dt * <B, C> + D), gated. A decays a zero state: its gradient is 0.
+
+    EchoMamba4Rec's backward direction, read at the last item, is such a scan (B * D pairs of
+    one step each), where the kernels' per-pair overhead cost more than the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        u0 = u[..., 0].detach().to(compute)  # (B, D)
+        x = delta[..., 0].detach().to(compute)
+        if delta_bias is not None:
+            x = x + delta_bias.detach().to(compute)
+        dt = F.softplus(x) if delta_softplus else x
+        B0, C0 = B[..., 0].detach().to(compute), C[..., 0].detach().to(compute)  # (B, N)
+        bc = (B0 * C0).sum(-1, keepdim=True)  # (B, 1)
+        scale = dt * bc if D is None else dt * bc + D.detach().to(compute)  # (B, D)
+        y = u0 * scale
+        z0 = sig = None
+        out = y
+        if z is not None:
+            z0 = z[..., 0].detach().to(compute)
+            sig = torch.sigmoid(z0)
+            out = y * (z0 * sig)  # SiLU gate
+        ctx.save_for_backward(u0, x, dt, B0, C0, bc, scale, y, z0, sig)
+        ctx.softplus = bool(delta_softplus)
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias)]
+        ctx.A_shape = A.shape
+        return out[..., None].to(u.dtype)  # (B, D, 1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        u0, x, dt, B0, C0, bc, scale, y, z0, sig = ctx.saved_tensors
+        g = dout[..., 0].to(u0.dtype)  # (B, D)
+        dz = None
+        if z0 is not None:
+            dz = g * y * sig * (1 + z0 * (1 - sig))
+            g = g * (z0 * sig)  # dL/dy before the gate
+        du = g * scale
+        dD = (g * u0).sum(0)
+        gu = g * u0
+        ddelta = gu * bc  # dL/d dt
+        dbc = (gu * dt).sum(-1, keepdim=True)  # (B, 1)
+        if ctx.softplus:  # torch's softplus slope: 1 above its threshold, sigmoid below
+            ddelta = ddelta * torch.where(x > _SOFTPLUS_THRESHOLD, torch.ones_like(x), torch.sigmoid(x))
+        grads = (
+            du[..., None],
+            ddelta[..., None],
+            u0.new_zeros(ctx.A_shape),
+            (dbc * C0)[..., None],  # (B, N, 1)
+            (dbc * B0)[..., None],
+            dD,
+            None if dz is None else dz[..., None],
+            ddelta.sum(0),
+        )
+        return (
+            *(
+                grad.to(dtype) if needed and dtype is not None else None
                 for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)
             ),
             None,
@@ -481,4 +557,6 @@ def selective_scan_cpu(
             )
     if n_state == 0:  # no state, y = D * u; the kernels assume N >= 1
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if length == 1 and batch * d_inner > 0:
+        return _OneStepScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

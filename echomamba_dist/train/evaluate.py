@@ -3,6 +3,11 @@
 Every rank scores the users `users[rank::world_size]`, so each user is scored exactly once over
 all workers (no padding duplicates, no dropped users); the metric *sums* and the count are then
 summed across workers, which makes 1 and N workers give identical metrics for the same model.
+
+No metric is reported from non-finite scores without saying so: users whose scores hold NaN or
+infinity are counted (across workers too), and by default `evaluate_model` then raises
+`NonFiniteScores` on every rank alike; with `allow_nonfinite` it ranks their targets last
+(`metrics.target_ranks`) and returns the count as "nonfinite_users".
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from echomamba_dist.errors import NonFiniteScores
 from echomamba_dist.metrics import finalize_metrics, metric_sums, target_ranks
 
 
@@ -54,6 +60,7 @@ def evaluate_model(
     all_reduce: AllReduce = _identity,
     exclude_history: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, float]:
     """Score this rank's shard of `data` against all items; return metrics averaged over all users.
 
@@ -64,8 +71,12 @@ def evaluate_model(
         batch_size: users scored at once on this rank.
         all_reduce: sums metric sums across ranks (identity in one process).
         exclude_history: set the history items' scores to -inf before ranking.
+        allow_nonfinite: rank the targets of users with NaN or infinite scores last instead of
+            raising; the result then also holds "nonfinite_users".
     Returns:
         {"hr@10": ..., "ndcg@10": ..., "mrr@10": ..., "recall@10": ..., "count": users}.
+    Raises:
+        NonFiniteScores: some user's scores hold NaN or infinity (not `allow_nonfinite`).
     """
     was_training = model.training
     model.eval()
@@ -75,6 +86,7 @@ def evaluate_model(
     shard = EvalSet(shard.item_seq[order], shard.seq_len[order], shard.target[order], shard.users[order])
     sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg", "mrr", "recall") for k in ks}
     sums["count"] = 0.0
+    sums["nonfinite"] = 0.0  # users with a NaN or infinite score for some item
     for start in range(0, len(shard), batch_size):
         stop = start + batch_size
         seq_len = torch.from_numpy(shard.seq_len[start:stop]).to(device)
@@ -84,11 +96,19 @@ def evaluate_model(
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             scores = model.score_all(item_seq, seq_len)
         ranks = target_ranks(scores.float(), target, exclude=item_seq if exclude_history else None)
+        sums["nonfinite"] += float((~torch.isfinite(scores[:, 1:])).any(dim=1).sum())
         for key, value in metric_sums(ranks, ks).items():
             sums[key] += float(value)
     sums = all_reduce(sums)
     model.train(was_training)
-    return {**finalize_metrics(sums), "count": sums["count"]}
+    nonfinite = sums.pop("nonfinite")
+    if nonfinite and not allow_nonfinite:
+        raise NonFiniteScores(
+            f"the model scores {int(nonfinite)} of {int(sums['count'])} users with NaN or infinity "
+            f"(diverged weights); no metric is computed from such scores"
+        )
+    extra = {"nonfinite_users": nonfinite} if allow_nonfinite else {}
+    return {**finalize_metrics(sums), "count": sums["count"], **extra}
 
 
 def popularity_metrics(

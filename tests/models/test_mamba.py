@@ -136,6 +136,31 @@ def test_block_gradcheck_float64_small():
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_fast_path_is_the_same_block(backend):
+    """use_fast_path (channel-last, fused conv) and the channel-first nn.Conv1d path: the same
+    outputs and parameter gradients, in float64, also read at one position per row."""
+    torch.manual_seed(0)
+    fast = Mamba(8, d_state=4, scan_backend=backend).double()
+    slow = Mamba(8, d_state=4, scan_backend=backend, use_fast_path=False).double()
+    slow.load_state_dict(fast.state_dict(), strict=True)
+    x = torch.randn(3, 9, 8, dtype=torch.float64)
+    positions = torch.tensor([0, 8, 4])
+    for kwargs in ({}, {"positions": positions}):
+        outs, grads = [], []
+        for block in (fast, slow):
+            block.zero_grad()
+            out = block(x, **kwargs)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+            outs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in block.named_parameters()})
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+        for name in grads[1]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-10, msg=name)
+    rows = torch.arange(3)
+    torch.testing.assert_close(fast(x, positions=positions), fast(x)[rows, positions], rtol=1e-12, atol=1e-12)
+
+
 def test_set_scan_backend_and_bad_backend():
     block = torch.nn.Sequential(Mamba(8), Mamba(8))
     set_scan_backend(block, "reference")

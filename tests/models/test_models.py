@@ -138,7 +138,7 @@ def test_sample_modes():
 
 
 def test_backward_direction_scans_each_sequence_reversed_then_padding():
-    model = _build("echomamba4rec").eval()
+    model = _build("echomamba4rec", fast_path=False).eval()  # the full computation
     layer = model.layers[0]
     seen = {}
     layer.forward_mamba.register_forward_hook(lambda m, args, out: seen.__setitem__("fwd", args[0]))
@@ -152,6 +152,107 @@ def test_backward_direction_scans_each_sequence_reversed_then_padding():
     # The first step of the backward scan is each sequence's newest item.
     rows = torch.arange(len(LENGTHS))
     assert torch.equal(seen["bwd"][:, 0], seen["fwd"][rows, seq_len - 1])
+
+
+def test_fast_path_backward_direction_sees_only_the_newest_item():
+    """With readout=last the fast path runs the backward Mamba on each row's last item alone."""
+    model = _build("echomamba4rec").eval()
+    layer = model.layers[0]
+    seen = {}
+    layer.forward_mamba.register_forward_hook(lambda m, args, out: seen.__setitem__("fwd", args[0]))
+    layer.backward_mamba.register_forward_hook(lambda m, args, out: seen.__setitem__("bwd", args[0]))
+    seq, seq_len = _batch(LENGTHS, 12)
+    with torch.no_grad():
+        model(seq, seq_len)
+    rows = torch.arange(len(LENGTHS))
+    assert seen["bwd"].shape == (len(LENGTHS), 1, 64)
+    assert torch.equal(seen["bwd"][:, 0], seen["fwd"][rows, seq_len - 1])
+
+
+def _train_and_score(model, batch):
+    """Loss and parameter gradients of one training-mode step (dropout on, seed 5), then the
+    eval-mode scores of the batch."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(5)
+    loss = model.loss(batch)
+    loss.backward()
+    model.eval()
+    with torch.no_grad():
+        scores = model.score_all(batch["item_seq"], batch["seq_len"])
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, scores
+
+
+FAST_PATH_CASES = [("reference", k) for k in ECHO_VARIANTS] + [("cpu", "default"), ("cpu", "two_layers_concat_ends_ffn")]
+
+
+@pytest.mark.parametrize(("backend", "variant"), FAST_PATH_CASES, ids=[f"{b}-{v}" for b, v in FAST_PATH_CASES])
+def test_fast_path_is_exact(backend, variant):
+    """fast_path (compute only what the readout reads, circulant filter, channel-last Mamba with
+    the fused conv) against the unoptimised path, float64: the same loss with dropout on (the
+    same random draws), the same gradients of every parameter, the same scores."""
+    overrides = dict(ECHO_VARIANTS[variant], scan_backend=backend)
+    fast = _build("echomamba4rec", **overrides).double()
+    slow = _build("echomamba4rec", fast_path=False, **overrides).double()
+    slow.load_state_dict(fast.state_dict(), strict=True)
+    seq, seq_len = _batch([1, 3, 10, 7, 10, 2, 5], 10, seed=4)
+    batch = {"item_seq": seq, "seq_len": seq_len, "target": torch.tensor([3, 7, 11, 1, 40, 2, 9])}
+    loss, grads, scores = _train_and_score(fast, batch)
+    loss_ref, grads_ref, scores_ref = _train_and_score(slow, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(scores, scores_ref, rtol=1e-10, atol=1e-10)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("lowpass", [None, 0.3])
+def test_circulant_filter_is_the_fft_filter(lowpass):
+    """Every length up to max_len (the circulant product up to CIRCULANT_MAX_LEN, the FFT above):
+    the same output and gradients as the FFT path, with the same dropout draws."""
+    from echomamba_dist.models.layers import CIRCULANT_MAX_LEN, FrequencyFilter
+
+    max_len = CIRCULANT_MAX_LEN + 4
+    torch.manual_seed(0)
+    fast = FrequencyFilter(8, max_len, dropout=0.2, lowpass=lowpass).double()
+    slow = FrequencyFilter(8, max_len, dropout=0.2, lowpass=lowpass, fast_path=False).double()
+    slow.load_state_dict(fast.state_dict())
+    for length in (1, 2, 5, CIRCULANT_MAX_LEN, max_len):
+        x = torch.randn(3, length, 8, dtype=torch.float64)
+        results = []
+        for f in (fast, slow):
+            f.zero_grad()
+            torch.manual_seed(1)
+            out = f(x)
+            (out * torch.arange(out.numel(), dtype=torch.float64).view_as(out).cos()).sum().backward()
+            results.append((out.detach(), f.weight.grad.clone()))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-10)
+
+
+def test_fast_path_trains_as_the_unoptimised_path(tmp_path):
+    """Three epochs of the training loop, seed 42, float32: the per-epoch losses and validation
+    metrics of fast_path and the unoptimised path agree to 1e-4."""
+    from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
+    from echomamba_dist.train.loop import train_per_worker
+
+    histories = {}
+    for fast_path in (True, False):
+        run_dir = tmp_path / f"fast-{fast_path}"
+        config = {
+            "data": {"synthetic": {"n_users": 150, "n_items": 50, "n_topics": 4, "mean_length": 9.0}, "max_len": 12},
+            "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8, "max_len": 12, "fast_path": fast_path},
+            "train": {"epochs": 3, "batch_size": 128, "eval_batch_size": 256, "seed": 42, "ray": False,
+                      "progress": False, "final_test": False},
+            "run": {"name": "r", "storage_path": str(run_dir)},
+            "tracking": {"enabled": False},
+        }  # fmt: skip
+        train_per_worker(config)
+        histories[fast_path] = read_meta(latest_checkpoint(run_dir / "r"))["history"]
+    fast, slow = histories[True], histories[False]
+    assert len(fast) == len(slow) == 3
+    for a, b in zip(fast, slow):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["loss"], b["loss"])
+        assert abs(a["val_ndcg@10"] - b["val_ndcg@10"]) <= 1e-4
 
 
 def test_backward_output_matches_an_unpadded_run():

@@ -227,3 +227,57 @@ def test_empty_dimensions(batch, d_inner, length, d_state):
     if d_state == 0:  # y = D * u, gated
         expected = selective_scan_ref(*(x[k] for k in ARGS), delta_softplus=True)
         torch.testing.assert_close(out, expected)
+
+
+def _channel_last(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a (B, D, L)-shaped view of (B, L, D) memory, a leaf that requires grad."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
+@pytest.mark.parametrize("batch,d_inner,length,d_state", [(3, 4, 7, 5), (2, 16, 33, 8), (1, 3, 2, 4)])
+def test_channel_last_views_are_read_in_place(batch, d_inner, length, d_state):
+    """As the Mamba block's channel-last path passes them: u, delta, z (and B, C) as transposed
+    views of (B, L, .) memory; the output comes back in that layout, with the reference's values."""
+    x = _inputs(batch, d_inner, length, d_state, seed=11)
+    views = {k: _channel_last(v) if k in ("u", "delta", "z", "B", "C") else v for k, v in x.items()}
+    grad_out = _grad_out(batch, d_inner, length)
+    out, grads = _run(selective_scan_cpu, views, True, grad_out)
+    out_ref, grads_ref = _run(selective_scan_ref, x, True, grad_out)
+    assert out.stride(1) == 1  # (B, L, D) memory: no copy before out_proj
+    torch.testing.assert_close(out, out_ref, rtol=TOL, atol=TOL)
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=TOL, atol=TOL, msg=k)
+
+
+def test_upstream_gradient_at_one_position_per_row():
+    """The gathered readout: dout is zero after one position per row, where the backward stops
+    early; the gradients are still the reference's (and exactly 0 after that position)."""
+    batch, d_inner, length, d_state = 4, 5, 9, 6
+    x = _inputs(batch, d_inner, length, d_state, seed=12)
+    grad_out = torch.zeros(batch, d_inner, length, dtype=torch.float64)
+    last = torch.tensor([0, 3, 8, 5])
+    grad_out[torch.arange(batch), :, last] = _grad_out(batch, d_inner, 1)[..., 0]
+    out, grads = _run(selective_scan_cpu, x, True, grad_out)
+    _, grads_ref = _run(selective_scan_ref, x, True, grad_out)
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-12, atol=1e-12, msg=k)
+    after = torch.arange(length)[None, :] > last[:, None]  # (B, L)
+    assert torch.equal(grads["u"].transpose(1, 2)[after], torch.zeros_like(grads["u"].transpose(1, 2)[after]))
+
+
+@pytest.mark.parametrize("with_D,with_z,with_bias,softplus", [(True, True, True, True), (False, False, False, False)])
+def test_length_one_closed_form_gradcheck(with_D, with_z, with_bias, softplus):
+    """Length 1 (EchoMamba4Rec's backward direction at the last item) takes the closed form; A
+    gets a zero gradient, not none, as from the reference."""
+    x = _inputs(3, 4, 1, 5, seed=13, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    given = [k for k in ARGS if x[k] is not None]
+
+    def fn(*args):
+        kwargs = dict(zip(given, args))
+        return selective_scan_cpu(*(kwargs.get(k) for k in ARGS), delta_softplus=softplus)
+
+    out = fn(*(x[k] for k in given))
+    assert type(out.grad_fn).__name__ == "_OneStepScanBackward"
+    assert torch.autograd.gradcheck(fn, tuple(x[k] for k in given), eps=1e-6, atol=1e-7)
+    out.sum().backward()
+    assert torch.equal(x["A"].grad, torch.zeros_like(x["A"]))
