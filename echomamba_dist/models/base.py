@@ -249,6 +249,19 @@ def init_weights(model: nn.Module, *, std: float = 0.02) -> None:
                     nn.init.zeros_(param)
 
 
+def init_linears(module: nn.Module, *, std: float = 0.02) -> None:
+    """Every Linear inside `module`, `_owns_init` or not: weight ~ N(0, std), bias 0.
+
+    This is RecBole's init, which the authors' EchoMamba4Rec code also applies inside the Mamba
+    blocks (`mamba_init=normal`): dt_proj's bias 0 makes dt start at softplus(0) = 0.69.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, 0.0, std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two optimizer groups: with `weight_decay`, and without.
 

@@ -7,7 +7,9 @@
            forward  Mamba: f = LayerNorm_f(x + Dropout(Mamba_f(x)))
            backward Mamba: b = LayerNorm_b(x + Dropout(rev(Mamba_b(rev(x)))))   (`bidirectional`)
            combine: f + b (`sum`) or Linear([f; b]) (`concat`, eq. 18)
-           GLU (eq. 19; `glu`), position-wise FFN (`ffn`)
+           GLU (eq. 19; `glu`), or as the authors' code has it:
+             LayerNorm(h + Dropout(W3 GLU(h)))                        (`glu_form=released`)
+           position-wise FFN (`ffn`)
       -> readout (B, H); scores = readout @ item_embedding.T          (§3.8, eq. 20)
 
 `rev` reverses each sequence within its own length, so the backward Mamba scans
@@ -50,11 +52,12 @@ from echomamba_dist.models.base import (
     check_scan_backend,
     dropout_at,
     gather_last,
+    init_linears,
     init_weights,
     padding_mask,
     reverse_by_length,
 )
-from echomamba_dist.models.layers import FrequencyFilter, GatedLinearUnit, PointWiseFeedForward
+from echomamba_dist.models.layers import FrequencyFilter, GatedLinearUnit, PointWiseFeedForward, ResidualGLU
 from echomamba_dist.models.mamba import mamba_from_config
 
 
@@ -77,6 +80,11 @@ class EchoMamba4RecConfig:
     combine: Literal["sum", "concat"] = "sum"  # sum of both directions, or Linear of [fwd; bwd]
     readout: Literal["last", "ends"] = "last"  # where each direction is read (module docstring)
     glu: bool = True  # gated linear unit after combining (eq. 19)
+    # "paper": GLU(h) alone (eqs. 10, 19); "released": the authors' code, LayerNorm(h + Dropout(W3 GLU(h)))
+    glu_form: Literal["paper", "released"] = "paper"
+    # "mamba": mamba_ssm's own init of the Mamba blocks; "normal": the authors' code (RecBole's
+    # init on every Linear inside them too: weights N(0, 0.02), biases 0, so dt starts at softplus(0))
+    mamba_init: Literal["mamba", "normal"] = "mamba"
     ffn: bool = False  # position-wise feed-forward after the GLU (not in eqs. 11-20)
     ffn_inner_size: int = 256  # FFN inner width (4 * H)
     scan_backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"  # selective-scan kernels
@@ -131,7 +139,12 @@ class EchoMambaLayer(nn.Module):
         self.backward_norm = nn.LayerNorm(hidden) if config.bidirectional else None
         self.dropout = nn.Dropout(config.dropout)
         self.concat = nn.Linear(2 * hidden, hidden) if config.combine == "concat" else None
-        self.glu = GatedLinearUnit(hidden) if config.glu else None
+        if not config.glu:
+            self.glu = None
+        elif config.glu_form == "released":
+            self.glu = ResidualGLU(hidden, dropout=config.dropout)
+        else:
+            self.glu = GatedLinearUnit(hidden)
         self.ffn = (
             PointWiseFeedForward(hidden, config.ffn_inner_size, dropout=config.dropout)
             if config.ffn
@@ -243,6 +256,11 @@ class EchoMamba4Rec(NormedEmbeddingRecommender):
         super().__init__(n_items, config)  # item_embedding, embedding_dropout, embedding_norm
         self.layers = nn.ModuleList(EchoMambaLayer(config) for _ in range(config.num_layers))
         init_weights(self)
+        if config.mamba_init == "normal":
+            for layer in self.layers:
+                for block in (layer.forward_mamba, layer.backward_mamba):
+                    if block is not None:
+                        init_linears(block)
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """(B, L) right-padded items, (B,) lengths -> (B, H)."""

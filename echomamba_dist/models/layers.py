@@ -97,6 +97,22 @@ class GatedLinearUnit(nn.Module):
         return F.glu(self.proj(x), dim=-1)
 
 
+class ResidualGLU(nn.Module):
+    """LayerNorm(x + Dropout(W3 GLU(x))), the GLU block of the authors' released code (the paper's
+    eq. 19 has GLU(x) alone); H -> H. LayerNorm eps 1e-12, as there."""
+
+    def __init__(self, hidden_size: int, *, dropout: float) -> None:
+        super().__init__()
+        self.glu = GatedLinearUnit(hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H)."""
+        return self.norm(x + self.dropout(self.out(self.glu(x))))
+
+
 class PointWiseFeedForward(nn.Module):
     """LayerNorm(x + Dropout(W2 Dropout(GELU(W1 x)))), as in SASRec and Mamba4Rec; H -> H."""
 

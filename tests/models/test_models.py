@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import subprocess
 import sys
@@ -33,6 +35,8 @@ ECHO_VARIANTS = {
     "unidirectional": {"bidirectional": False},
     "ffn": {"ffn": True},
     "no_glu": {"glu": False},
+    "released_glu": {"glu_form": "released"},
+    "normal_mamba_init": {"mamba_init": "normal"},
     "two_layers": {"num_layers": 2},
     "two_layers_concat_ends_ffn": {
         "num_layers": 2,
@@ -451,3 +455,45 @@ def test_importing_the_models_imports_no_optional_kernels():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_released_glu_is_a_normalised_residual_block():
+    """glu_form=released: LayerNorm(h + Dropout(W3 GLU(h))); with W3 = 0 it is LayerNorm(h), and
+    the user vector is normalised (eq. 19's GLU alone is not)."""
+    from echomamba_dist.models.layers import ResidualGLU
+
+    torch.manual_seed(0)
+    block = ResidualGLU(16, dropout=0.2).eval()
+    h = torch.randn(5, 16) * 3 + 1
+    with torch.no_grad():
+        block.out.weight.zero_()
+        block.out.bias.zero_()
+        expected = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-12)
+        torch.testing.assert_close(block(h), expected, rtol=1e-5, atol=1e-5)
+    seq, seq_len = _batch(LENGTHS, 12)
+    released = _build("echomamba4rec", glu_form="released").eval()
+    paper = _build("echomamba4rec").eval()
+    with torch.no_grad():
+        out_released, out_paper = released(seq, seq_len), paper(seq, seq_len)
+    torch.testing.assert_close(out_released.std(-1, unbiased=False), torch.ones(len(LENGTHS)), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(out_paper.std(-1, unbiased=False), torch.ones(len(LENGTHS)), atol=0.1)
+    assert {n for n, _ in released.named_parameters()} - {n for n, _ in paper.named_parameters()} == {
+        "layers.0.glu.out.weight", "layers.0.glu.out.bias", "layers.0.glu.norm.weight", "layers.0.glu.norm.bias",
+        "layers.0.glu.glu.proj.weight", "layers.0.glu.glu.proj.bias",
+    }
+
+
+def test_normal_mamba_init_is_the_released_codes_init():
+    """mamba_init=normal: every Linear inside the Mamba blocks ~ N(0, 0.02) with zero biases, so
+    dt starts at softplus(0) = ln 2; mamba_ssm's init (the default) keeps dt in [0.001, 0.1]."""
+    normal = _build("echomamba4rec", mamba_init="normal", hidden_size=64)
+    default = _build("echomamba4rec", hidden_size=64)
+    for block in (normal.layers[0].forward_mamba, normal.layers[0].backward_mamba):
+        dt = torch.nn.functional.softplus(block.dt_proj.bias)
+        torch.testing.assert_close(dt, torch.full_like(dt, math.log(2.0)))
+        for linear in (block.in_proj, block.x_proj, block.dt_proj, block.out_proj):
+            assert abs(float(linear.weight.detach().std()) - 0.02) < 0.003, linear
+    dt = torch.nn.functional.softplus(default.layers[0].forward_mamba.dt_proj.bias)
+    assert float(dt.min()) >= 0.001 - 1e-6 and float(dt.max()) <= 0.1 + 1e-6
+    # A_log (and D) keep their S4D-real init: they are parameters, not Linears
+    torch.testing.assert_close(normal.layers[0].forward_mamba.A_log, default.layers[0].forward_mamba.A_log)
