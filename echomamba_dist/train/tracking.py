@@ -9,6 +9,8 @@ run name (`tracking.registered_model`), where `mlflow models serve` finds it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -40,12 +42,35 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _store_creation_lock(uri: str):
+    """Serialise opening a local SQLite store between processes.
+
+    Two trainers that open a new store at once both create its tables and run its migrations,
+    and the loser fails ("table ... already exists"). An flock on the database file itself
+    (SQLite's own locks are POSIX record locks, which flock does not touch) lets one create it
+    while the others wait; an empty file is a valid new SQLite database.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def use_experiment(cfg: TrackingConfig):
     """Point MLflow at the configured store and experiment (created if missing); return it."""
     import mlflow
 
     mlflow.set_tracking_uri(cfg.resolved_uri())
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    with _store_creation_lock(cfg.resolved_uri()):
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)  # opens (creates) the store
     if experiment is None:
         try:
             mlflow.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location())
