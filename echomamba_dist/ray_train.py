@@ -4,10 +4,11 @@ The loop is not duplicated here: `RaySession` gives it rank, world size, a devic
 all-reduce, checkpoint restore/report and its training batches; `fit` builds the TorchTrainer.
 
 Data on Ray: Ray Data ships the training parts as CSR shards, one row a user (`user`, its 0-based
-index, and `items`, its training part), about 8 bytes an interaction; never (samples, max_len)
-matrices. Each worker turns what it reads into `Windows` (`data.splits`) and cuts every batch's
-rows out when it builds the batch. The dataset is handed to the trainer as "train" and read in one
-of two ways (`train.data_sharding`):
+index, and `items`, its training part): the CSR arrays, 8 bytes an interaction; never (samples,
+max_len) matrices. Each worker reads them back as CSR arrays (`read_csr`; without a copy in exact
+mode), turns them into `Windows` (`data.splits`) and cuts every batch's rows out when it builds
+the batch. The dataset is handed to the trainer as "train" and read in one of two ways
+(`train.data_sharding`):
 
 - "exact" (default): every worker reads all users through `get_dataset_shard`, puts them in user
   order, and takes its exact slice of every globally shuffled batch (`BatchSource`, seeded by
@@ -161,6 +162,12 @@ class RaySession:
 def read_csr(shard, *, complete: bool) -> tuple[np.ndarray, np.ndarray]:
     """Read users' training parts (rows `user`, `items`) into CSR arrays in user order.
 
+    Ray Data's blocks are read as they are (no re-batching) and viewed without copies. One block
+    (exact mode) is used as it is: the items stay in the object store's buffer (read-only),
+    shared by the workers of a node. Several blocks are copied once into the preallocated
+    output; rows in runs of increasing users need nothing more (Ray Data keeps a block's rows in
+    order; blocks may come in any order), any other order is sorted at the cost of a second copy.
+
     Args:
         shard: a Ray Dataset, DataIterator or anything with that `iter_batches`.
         complete: the rows must be exactly the users 0..U-1 (the whole dataset).
@@ -169,24 +176,56 @@ def read_csr(shard, *, complete: bool) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         RuntimeError: `complete` and the rows are empty, or not exactly the users 0..U-1.
     """
-    users, lengths, values = [], [], []
-    for batch in shard.iter_batches(batch_size=65536, batch_format="pyarrow"):
-        column = batch.column("items").combine_chunks()
-        users.append(np.asarray(batch.column("user"), dtype=np.int64))
-        lengths.append(np.diff(np.asarray(column.offsets, dtype=np.int64)))
-        values.append(np.asarray(column.flatten(), dtype=np.int64))
-    if not users:
+    pieces = []  # (user, bounds, values) of each record batch: views of Ray Data's buffers
+    for table in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in table.to_batches():
+            if batch.num_rows:
+                lists = batch.column("items")  # bounds: (rows + 1,) into values, of this slice
+                pieces.append((batch.column("user").to_numpy(), lists.offsets.to_numpy(), lists.values.to_numpy()))
+    if not pieces:
         if complete:
             raise RuntimeError("the training dataset handed to this worker is empty")
         return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    user, length, flat = np.concatenate(users), np.concatenate(lengths), np.concatenate(values)
-    del users, lengths, values
+    pieces.sort(key=lambda piece: int(piece[0][0]))
+    if not _runs_in_user_order(pieces):
+        return _csr_by_sorting(pieces, complete=complete)
+    n = sum(len(user) for user, _, _ in pieces)
+    if complete and (pieces[0][0][0] != 0 or pieces[-1][0][-1] != n - 1):  # n increasing users in 0..n-1
+        raise RuntimeError("the training dataset's users are not 0..U-1: users were lost or repeated")
+    if len(pieces) == 1:
+        _, bounds, values = pieces[0]
+        offsets = (bounds - bounds[0]).astype(np.int64)
+        return offsets, values[bounds[0] : bounds[-1]].astype(np.int64, copy=False)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    items = np.empty(sum(int(bounds[-1] - bounds[0]) for _, bounds, _ in pieces), dtype=np.int64)
+    row = pos = 0
+    for user, bounds, values in pieces:
+        size = int(bounds[-1] - bounds[0])
+        offsets[row + 1 : row + 1 + len(user)] = bounds[1:] - bounds[0] + pos
+        items[pos : pos + size] = values[bounds[0] : bounds[-1]]  # the one copy
+        row, pos = row + len(user), pos + size
+    return offsets, items
+
+
+def _runs_in_user_order(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bool:
+    """Whether the pieces (sorted by first user) hold strictly increasing users end to end."""
+    last = -1
+    for user, _, _ in pieces:
+        if user[0] <= last or (len(user) > 1 and not (np.diff(user) > 0).all()):
+            return False
+        last = int(user[-1])
+    return True
+
+
+def _csr_by_sorting(pieces, *, complete: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`read_csr` for rows in any order: concatenate, then gather the items in user order."""
+    user = np.concatenate([p[0] for p in pieces], dtype=np.int64)
+    length = np.concatenate([np.diff(p[1]) for p in pieces], dtype=np.int64)
+    flat = np.concatenate([values[bounds[0] : bounds[-1]] for _, bounds, values in pieces], dtype=np.int64)
     order = np.argsort(user, kind="stable")
     if complete and not np.array_equal(user[order], np.arange(len(user))):
         raise RuntimeError("the training dataset's users are not 0..U-1: users were lost or repeated")
     offsets = np.r_[0, np.cumsum(length[order])].astype(np.int64)
-    if np.array_equal(order, np.arange(len(order))):
-        return offsets, flat  # read in user order already (the usual case)
     starts = np.cumsum(length) - length  # where each row's items begin in `flat`
     gather = np.repeat(starts[order] - offsets[:-1], length[order]) + np.arange(offsets[-1])
     return offsets, flat[gather]
@@ -276,21 +315,25 @@ def ray_train_entry(config: dict[str, Any], *, train_samples: int | None = None)
 
 def users_table(train_offsets: np.ndarray, train_items: np.ndarray):
     """The training parts as a pyarrow Table, one row a user: `user` (int64, 0-based) and `items`
-    (list<int64>, zero-copy over `train_items`)."""
+    (large_list<int64>). Its buffers are the CSR arrays themselves (zero-copy here), so that a
+    worker reading the table whole uses them as they are (`read_csr`)."""
     import pyarrow as pa
 
     train_offsets = np.asarray(train_offsets, dtype=np.int64)
     return pa.table({
         "user": pa.array(np.arange(len(train_offsets) - 1, dtype=np.int64)),
-        "items": pa.ListArray.from_arrays(pa.array(train_offsets), pa.array(np.asarray(train_items, dtype=np.int64))),
+        "items": pa.LargeListArray.from_arrays(pa.array(train_offsets), pa.array(np.asarray(train_items, dtype=np.int64))),
     })
 
 
 def build_train_dataset(cfg: ExperimentConfig):
-    """The training parts of `cfg.data` as a Ray Dataset of CSR shards (see `users_table`).
+    """The training parts of `cfg.data` as a Ray Dataset of CSR shards (see `users_table`), put
+    in the object store once by the driver; the workers build the samples of either mode from
+    them (`read_csr`, `build_windows`).
 
-    Users are cut into about 16 blocks on the driver and put in the object store once; the
-    workers build the samples of either mode from them (`read_csr`, `build_windows`).
+    "exact" sharding: one block, which every worker reads whole and uses without a copy (one copy
+    of the items per node, in shared memory). "ray": about 16 blocks, for the streaming split to
+    spread (each worker copies its share once).
     """
     import ray.data
 
@@ -300,7 +343,9 @@ def build_train_dataset(cfg: ExperimentConfig):
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
     users = users_table(loo.train_offsets, loo.train_items)
-    # ~16 blocks: enough to spread the reads and the splits, few enough to keep overhead low
+    if cfg.train.data_sharding == "exact":
+        return ray.data.from_arrow(users)
+    # ~16 blocks: enough to spread the splits, few enough to keep overhead low
     rows_per_block = max(1, math.ceil(users.num_rows / 16))
     return ray.data.from_arrow([users.slice(i, rows_per_block) for i in range(0, users.num_rows, rows_per_block)])
 

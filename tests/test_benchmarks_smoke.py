@@ -100,3 +100,58 @@ def test_scan_backends_smoke_at_a_shape_too_small_to_measure_memory(tmp_path):
     mem = report["ratios"]["cpu_peak_memory_vs_reference"]
     assert mem is None or mem > 0
     assert "cpu vs reference" in proc.stdout
+
+
+def test_plot_validation_draws_each_runs_history(tmp_path):
+    def run(name, model, history, best_epoch, variant=None):
+        return {"run_name": name, "model": model, "samples": "prefix", "seed": 1, "variant": variant,
+                "valid_history": history, "best_epoch": best_epoch}
+
+    report = {"dataset": {"name": "tiny"}, "settings": {"metric": "ndcg@10"}, "runs": [
+        run("r-sasrec", "sasrec", [0.01, 0.03, 0.02], 1),
+        run("r-echo", "echomamba4rec", [0.02, 0.04, 0.05], 2, "sum-last"),
+        run("r-echo-concat", "echomamba4rec", [0.01, 0.015], 1, "concat-last"),
+    ]}  # fmt: skip
+    path, png = tmp_path / "t2.json", tmp_path / "plots" / "validation.png"
+    path.write_text(json.dumps(report))
+    proc = _run("benchmarks/plot_validation.py", "--report", str(path), "--out", str(png))
+    lines = proc.stdout.splitlines()
+    assert "SASRec" in lines[0] and "3 epochs  best 0.0300 at epoch 2" in lines[0]
+    assert "EchoMamba4Rec (concat-last)" in lines[2] and "best 0.0150 at epoch 2" in lines[2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob(".*"))
+
+
+def test_sample_memory_smoke(tmp_path):
+    out = tmp_path / "sample_memory.json"
+    proc = _run("benchmarks/sample_memory.py", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out))
+    report = json.loads(out.read_text())
+    _common_fields(report)
+    res = report["results"]
+    # train-1 only (it measures the source too); tests/ray/test_ray_train.py covers the Ray path
+    assert set(res) == {"train-1:windows", "train-1:dense"}
+    assert res["train-1:windows"]["samples"] == res["train-1:dense"]["samples"] > 0  # the same samples
+    for kind in ("windows", "dense"):
+        one = res[f"train-1:{kind}"]
+        assert one["dataset_mib"] > 0 and one["source_peak_added_mib"] is not None
+        assert one["steps"] == 3 and one["steps_per_second"] > 0
+    # a windows source holds far less than the dense matrices of the same samples
+    assert res["train-1:windows"]["source_peak_added_mib"] < res["train-1:dense"]["source_peak_added_mib"]
+    assert "| windows | " + format(res["train-1:windows"]["samples"], ",") in proc.stdout and "| dense |" in proc.stdout
+
+
+def test_epoch_smoke(tmp_path):
+    out = tmp_path / "epoch.json"
+    proc = _run("benchmarks/epoch.py", "--smoke", "--out", str(out))
+    report = json.loads(out.read_text())
+    _common_fields(report)
+    runs = ("echomamba4rec", "sasrec", "echomamba4rec-unoptimised")
+    for run in runs:
+        epochs = report["results"][run]
+        assert [e["epoch"] for e in epochs] == [0, 1] and all(e["steps"] > 0 for e in epochs)
+        assert all(e["train_wall_s"] > 0 and e["train_cpu_s"] > 0 and e["valid_wall_s"] > 0 for e in epochs)
+        assert all(len(e["load_average_before"]) == 3 for e in epochs)
+    summary = report["summary"]
+    assert summary["echomamba_vs_sasrec_train_wall"] > 0 and summary["unoptimised_vs_echomamba_train_wall"] > 0
+    # the optimised and unoptimised paths train alike: same batches and dropout draws
+    assert summary["loss_max_abs_diff"] <= 1e-4 and summary["valid_metric_max_abs_diff"] <= 1e-4
+    assert "| echomamba4rec-unoptimised |" in proc.stdout

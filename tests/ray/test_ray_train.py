@@ -52,17 +52,30 @@ def _training_parts(seed=0):
 
 
 def test_csr_shards_read_back_in_user_order_from_any_block_cut_and_order():
+    import pyarrow as pa
+
     offsets, items = _training_parts()
     table = users_table(offsets, items)
+    # one block is used as it is: the items are the table's buffer, not a copy
+    got_offsets, got_items = read_csr(_Blocks([table]), complete=True)
+    assert np.shares_memory(got_items, table.column("items").chunk(0).values.to_numpy())
     cuts = [table.slice(a, b - a) for a, b in [(0, 7), (7, 8), (8, 23), (23, 40)]]
-    for blocks in (cuts, cuts[::-1], [cuts[2], cuts[0], cuts[3], cuts[1]]):
+    shuffled = table.take(np.random.default_rng(1).permutation(40))  # rows out of order: sorted
+    two_chunks = pa.concat_tables([cuts[1], cuts[0]])  # record batches out of order in one table
+    for blocks in ([table], cuts, cuts[::-1], [cuts[2], cuts[0], cuts[3], cuts[1]], [shuffled], [two_chunks, *cuts[2:]]):
         got_offsets, got_items = read_csr(_Blocks(blocks), complete=True)
+        assert got_offsets.dtype == got_items.dtype == np.int64
         np.testing.assert_array_equal(got_offsets, offsets)
         np.testing.assert_array_equal(got_items, items)
+    with pytest.raises(RuntimeError, match="users were lost or repeated"):
+        read_csr(_Blocks([*cuts, cuts[1]]), complete=True)  # a user twice
     # a worker's share in "ray" mode: some users, in user order
     part_offsets, part_items = read_csr(_Blocks([cuts[3], cuts[1]]), complete=False)
     np.testing.assert_array_equal(np.diff(part_offsets), np.r_[np.diff(offsets)[7:8], np.diff(offsets)[23:]])
     np.testing.assert_array_equal(part_items, np.r_[items[offsets[7] : offsets[8]], items[offsets[23] :]])
+    part_offsets, part_items = read_csr(_Blocks([cuts[2]]), complete=False)  # one block, a slice
+    np.testing.assert_array_equal(part_offsets, offsets[8:24] - offsets[8])
+    np.testing.assert_array_equal(part_items, items[offsets[8] : offsets[23]])
     with pytest.raises(RuntimeError, match="users were lost or repeated"):
         read_csr(_Blocks([cuts[0], cuts[2]]), complete=True)
     with pytest.raises(RuntimeError, match="is empty"):
