@@ -2,14 +2,16 @@
 
 Same signature, shapes and math as `selective_scan_ref` (see `echomamba_dist.ops.selective_scan`).
 The reference materialises several (B, D, N) tensors per step and autograd keeps them all, so its
-memory grows as B*D*L*N. Here each (batch, channel) pair runs its whole recurrence with the
-N-vector state in a small array; the forward keeps only its inputs and the step sizes dt
-(B, D, L), and the backward recomputes the states of one (b, d) pair at a time into an (L+1, N)
+memory grows as B*D*L*N. Here each sequence runs its whole recurrence for a tile of up to 128
+channels at once, the (N, tile) state in a small array, with the channels innermost so that the
+loops vectorise over them; the forward keeps only its inputs and the step sizes dt (B, D, L), and
+the backward recomputes the states of one (sequence, tile) at a time into an (L+1, N, tile)
 scratch before running the adjoint recurrence backwards in time. Per-step tensors live as
 (B, L, D) memory (channel-last, as the Mamba block produces them). Peak memory is the inputs, the
 output, dt and the gradients: O(B*D*L + B*L*N), never B*D*L*N.
 
-Work is split over (b, d) pairs and run on as many threads as `torch.get_num_threads()`.
+Work is split over ranges of sequences (and of channels when there are few) and run on as many
+threads as `torch.get_num_threads()`.
 Compute is fp32 for fp32/bf16/fp16 inputs (as the reference) and fp64 for fp64 inputs, so that
 `torch.autograd.gradcheck` can check the backward exactly; Numba compiles one specialisation per
 dtype on first use (~10 s) and caches it on disk when the package directory is writable.
@@ -35,6 +37,12 @@ from echomamba_dist.ops.selective_scan import selective_scan_ref
 # Work items per thread: enough to balance uneven chunks, few enough that the per-item scratch
 # and the per-item gradient partials stay negligible.
 _ITEMS_PER_THREAD = 4
+# Channels per tile, the kernels' innermost loop. Long tiles amortise each inner loop's start
+# (LLVM's runtime alias checks, the remainder): at B=2048, D=128, N=32, float32, 1 thread, tiles
+# of 128 ran the backward 18-28% faster than a loop over N per (b, d) pair at L=5..50 (the
+# forward about even), although at L=50 its scratch, 2 * (L+1) * N * tile values (1.6 MiB),
+# outgrows L2; tiles of 16 or 32 were slower than the pairs.
+_D_TILE = 128
 # torch.nn.functional.softplus's default threshold: above it softplus(x) is x and its slope 1.
 _SOFTPLUS_THRESHOLD = 20.0
 # Fast-math licences, the two that cannot change inf/nan behaviour: "contract" fuses a * b + c
@@ -122,19 +130,20 @@ def _exp_overload(x):
 
 
 # --- kernels -------------------------------------------------------------------------------------
-# Everything is fused per (b, d) pair except the elementwise functions of whole (B, D, L) tensors
-# (softplus, SiLU(z), sigmoid(z), softplus's slope), which torch vectorises: the forward's skip
-# and gate and the backward's gate run inside the kernels' loops over t, so a backward is one
-# kernel launch plus a few small sums, not two dozen elementwise torch passes.
+# Everything is fused per (sequence, channel tile) except the elementwise functions of whole
+# (B, D, L) tensors (softplus, SiLU(z), sigmoid(z), softplus's slope), which torch vectorises:
+# the forward's skip and gate and the backward's gate run inside the kernels' loops over t, so a
+# backward is one kernel launch plus a few small sums, not two dozen elementwise torch passes.
 #
-# Parallelism: each kernel is a serial, GIL-free function over one work item (a range of (b, d)
-# pairs), and `_run_items` spreads the items over a thread pool sized like torch's. Numba's own
-# `parallel=True` was slower on both counts we measured: compiled inside a parfor the backward's
-# loop nest ran 2.5x slower than as a plain function, and Numba's OpenMP layer (a second OpenMP
-# runtime next to torch's) left its threads spinning, so small calls took ~5x longer.
+# Parallelism: each kernel is a serial, GIL-free function over one work item (a range of
+# sequences and of channels), and `_run_items` spreads the items over a thread pool sized like
+# torch's. Numba's own `parallel=True` was slower on both counts we measured: compiled inside a
+# parfor the backward's loop nest ran 2.5x slower than as a plain function, and Numba's OpenMP
+# layer (a second OpenMP runtime next to torch's) left its threads spinning, so small calls took
+# ~5x longer.
 # The kernels take their scratch arrays as arguments: the data pointer of an array allocated
 # inside the function is reloaded after every store (LLVM cannot tell that a float store does not
-# overwrite it), which kept the loops over N from vectorising.
+# overwrite it), which kept the inner loops from vectorising.
 
 
 # The per-step tensors (u, dt, the gate, dout and the (B, D, L) results) come channel-last:
@@ -142,135 +151,175 @@ def _exp_overload(x):
 # them over without a copy, and one layout means one compiled specialisation per dtype (strided
 # views would compile one per combination of layouts, seconds each).
 @_jit(fastmath=_KERNEL_FASTMATH, nogil=True, error_model="numpy")
-def _scan_fwd_pairs(u, dt, A, Bt, Ct, Dv, gate, has_D, has_z, start, stop, out, h):
-    """out[b, :, d] for the flattened (b, d) pairs start..stop-1; gate: SiLU(z); h: (N,) scratch."""
-    length, d_inner = u.shape[1], u.shape[2]
-    n_state = A.shape[1]
-    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
+def _scan_fwd_block(u, dt, AT, Bt, Ct, Dv, gate, has_D, has_z, b0, b1, d0, d1, out, h, y, dtu):
+    """out[b, :, d] for b0 <= b < b1, d0 <= d < d1; AT: A transposed, (N, D); gate: SiLU(z).
+
+    Channels run in tiles of W = h.shape[1], innermost (see `_scan_bwd_block`). Scratch: h (N, W)
+    the running states, y (W,) and dtu (W,) per-step values of the tile's channels.
+    """
+    length = u.shape[1]
+    n_state = AT.shape[0]
+    tile = h.shape[1]
+    one = np.ones(1, dtype=AT.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
     zero = one - one
-    for bd in range(start, stop):
-        b = bd // d_inner
-        d = bd - b * d_inner
-        A_d = A[d]
-        D_d = Dv[d]
-        h[:] = 0
-        for t in range(length):
-            dt_t = dt[b, t, d]
-            u_t = u[b, t, d]
-            dtu = dt_t * u_t
-            B_t = Bt[b, t]
-            C_t = Ct[b, t]
-            y_t = zero
-            for n in range(n_state):
-                h_n = _exp(dt_t * A_d[n]) * h[n] + dtu * B_t[n]
-                h[n] = h_n
-                y_t += h_n * C_t[n]
-            if has_D:
-                y_t += D_d * u_t
-            if has_z:
-                y_t *= gate[b, t, d]
-            out[b, t, d] = y_t
+    for b in range(b0, b1):
+        for t0 in range(d0, d1, tile):
+            w = min(tile, d1 - t0)
+            h[:, :w] = 0
+            for t in range(length):
+                dt_r = dt[b, t, t0:t0 + w]
+                u_r = u[b, t, t0:t0 + w]
+                for j in range(w):
+                    dtu[j] = dt_r[j] * u_r[j]
+                    y[j] = zero
+                for n in range(n_state):
+                    B_n = Bt[b, t, n]
+                    C_n = Ct[b, t, n]
+                    A_n = AT[n, t0:t0 + w]
+                    h_n = h[n]
+                    for j in range(w):
+                        x = _exp(dt_r[j] * A_n[j]) * h_n[j] + dtu[j] * B_n
+                        h_n[j] = x
+                        y[j] += x * C_n
+                for j in range(w):
+                    d = t0 + j
+                    y_t = y[j]
+                    if has_D:
+                        y_t += Dv[d] * u_r[j]
+                    if has_z:
+                        y_t *= gate[b, t, d]
+                    out[b, t, d] = y_t
 
 
 @_jit(fastmath=_KERNEL_FASTMATH, nogil=True, error_model="numpy")
 def _scan_bwd_block(
-    u, dt, A, Bt, Ct, Dv, gate, dgate, slope, dout, has_z, softplus, b0, b1, d0, d1,
-    du, ddelta, dz, dA_acc, dBt_acc, dCt_acc, dD_acc, dbias_acc,
-    hs, decays, h, lam_next, ys,
+    u, dt, AT, Bt, Ct, Dv, gate, dgate, slope, dout, has_z, softplus, b0, b1, d0, d1,
+    du, ddelta, dz, dAT_acc, dBt_acc, dCt_acc, dD_acc, dbias_acc,
+    hs, decays, h, lam, ys, g_v, dt_v, u_v, dtu_v, acc_ha, acc_lb, dD_v, dbias_v,
 ):  # fmt: skip
     """Gradients from the pairs b0 <= b < b1, d0 <= d < d1, recomputing their forward states.
 
     Computed by torch, vectorised: gate = SiLU(z) and dgate = SiLU'(z); slope, softplus's slope
-    at delta + bias (torch's: 1 above its threshold). Dv is zeros when the scan had none.
-    du, ddelta and dz are written for these pairs; dA_acc (D, N), dBt_acc and dCt_acc (B, L, N),
-    dD_acc and dbias_acc (D,) are added to. Scratch: hs (L+1, N): hs[t + 1] is the state after
-    step t, hs[0] = 0; decays (L, N): exp(dt_t * A[d]); h (N,): the running state; lam_next
-    (N,): dL/dh_{t+1} * decay_{t+1}, the share of dL/dh_t that comes from later steps; ys (L,):
-    <h_t, C_t>.
+    at delta + bias (torch's: 1 above its threshold). AT is A transposed, (N, D). Dv is zeros
+    when the scan had none. du, ddelta and dz are written for these pairs; dAT_acc (N, D),
+    dBt_acc and dCt_acc (B, L, N), dD_acc and dbias_acc (D,) are added to.
 
-    Steps after a pair's last nonzero dout get no gradient from anywhere (the adjoint is zero
-    there), so each pair runs only up to it: a model that reads one position per row (the
-    gathered readout) pays for the steps up to that position, not for the padding after it.
+    The channels run in tiles of W = hs.shape[2] side by side, innermost: every loop over the
+    state lanes n does the same work for W channels at once, contiguous in the channel-last
+    tensors, so LLVM vectorises over channels with no horizontal sums per step (only the sums
+    over channels into dB and dC, one per (t, n)). Scratch, per tile: hs (L+1, N, W): hs[t + 1]
+    the state after step t, hs[0] = 0; decays (L, N, W): exp(dt_t * A); h (N, W) the running
+    state; lam (N, W): dL/dh_{t+1} * decay_{t+1}, the share of dL/dh_t that comes from later
+    steps; ys (L, W): <h_t, C_t>; g_v .. acc_lb (W,): per-step values of the tile's channels
+    (separate arrays: slices of one array would alias as far as LLVM can tell); dD_v and dbias_v
+    (W,): the sequence's sums over t, added to dD_acc and dbias_acc at its end (two levels of
+    sums, not B*L terms into one float32 accumulator).
+
+    Steps after a row's last nonzero dout (over the tile's channels) get no gradient from
+    anywhere (the adjoint is zero there), so each tile runs only up to it: a model that reads
+    one position per row pays for the steps up to that position, not for the padding after it.
     """
     full_length = u.shape[1]
-    n_state = A.shape[1]
-    one = np.ones(1, dtype=A.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
+    n_state = AT.shape[0]
+    tile = hs.shape[2]
+    one = np.ones(1, dtype=AT.dtype)[0]  # a bare 1 or 0 would promote fp32 arithmetic to fp64
     zero = one - one
     hs[0] = 0
     for b in range(b0, b1):
-        for d in range(d0, d1):
-            A_d = A[d]
-            D_d = Dv[d]
-            dA_d = dA_acc[d]
+        for t0 in range(d0, d1, tile):
+            w = min(tile, d1 - t0)
             length = full_length
-            while length > 0 and dout[b, length - 1, d] == 0:
+            while length > 0:
+                nonzero = False
+                for j in range(w):
+                    if dout[b, length - 1, t0 + j] != 0:
+                        nonzero = True
+                if nonzero:
+                    break
                 length -= 1
             for t in range(length, full_length):
-                du[b, t, d] = zero
-                ddelta[b, t, d] = zero
-                if has_z:
-                    dz[b, t, d] = zero
-            # Recompute the forward pass of this pair.
-            h[:] = 0
+                for j in range(w):
+                    du[b, t, t0 + j] = zero
+                    ddelta[b, t, t0 + j] = zero
+                    if has_z:
+                        dz[b, t, t0 + j] = zero
+            # Recompute the forward pass of this tile.
+            h[:, :w] = 0
             for t in range(length):
-                dt_t = dt[b, t, d]
-                dtu = dt_t * u[b, t, d]
-                B_t = Bt[b, t]
-                h_t = hs[t + 1]
-                decay_t = decays[t]
-                # The recurrence runs in h, copied to hs: reading hs[t] while writing hs[t + 1]
-                # (an unknown N apart) kept LLVM from vectorising this loop (~6x slower).
-                C_t = Ct[b, t]
-                y_t = zero
+                dt_r = dt[b, t, t0:t0 + w]
+                u_r = u[b, t, t0:t0 + w]
+                for j in range(w):
+                    dtu_v[j] = dt_r[j] * u_r[j]
+                    ys[t, j] = zero
+                y_t = ys[t]
                 for n in range(n_state):
-                    a = _exp(dt_t * A_d[n])
-                    decay_t[n] = a
-                    h_n = a * h[n] + dtu * B_t[n]
-                    h[n] = h_n
-                    h_t[n] = h_n
-                    y_t += h_n * C_t[n]
-                ys[t] = y_t
+                    B_n = Bt[b, t, n]
+                    C_n = Ct[b, t, n]
+                    A_n = AT[n, t0:t0 + w]
+                    h_n = h[n]
+                    hs_n = hs[t + 1, n]
+                    dec_n = decays[t, n]
+                    for j in range(w):
+                        a = _exp(dt_r[j] * A_n[j])
+                        dec_n[j] = a
+                        x = a * h_n[j] + dtu_v[j] * B_n
+                        h_n[j] = x
+                        hs_n[j] = x
+                        y_t[j] += x * C_n
             # Adjoint recurrence, backwards in time.
-            lam_next[:] = 0
-            dD_d = zero
-            dbias_d = zero
+            lam[:, :w] = 0
+            dD_v[:w] = 0
+            dbias_v[:w] = 0
             for t in range(length - 1, -1, -1):
-                g = dout[b, t, d]
-                if has_z:
-                    dz[b, t, d] = g * (ys[t] + D_d * u[b, t, d]) * dgate[b, t, d]
-                    g *= gate[b, t, d]  # dL/dy before the gate
-                ut = u[b, t, d]
-                dt_t = dt[b, t, d]
-                dtu = dt_t * ut
-                B_t = Bt[b, t]
-                C_t = Ct[b, t]
-                h_prev = hs[t]
-                h_t = hs[t + 1]
-                decay_t = decays[t]
-                dB_t = dBt_acc[b, t]
-                dC_t = dCt_acc[b, t]
+                for j in range(w):
+                    d = t0 + j
+                    g = dout[b, t, d]
+                    ut = u[b, t, d]
+                    if has_z:
+                        dz[b, t, d] = g * (ys[t, j] + Dv[d] * ut) * dgate[b, t, d]
+                        g *= gate[b, t, d]  # dL/dy before the gate
+                    g_v[j] = g
+                    dt_v[j] = dt[b, t, d]
+                    u_v[j] = ut
+                    dtu_v[j] = dt_v[j] * ut
+                    acc_ha[j] = zero
+                    acc_lb[j] = zero
                 # h_t = decay * h_{t-1} + dt * u * B  =>  dL/d dt = sum_n lam_n (h_{t-1} A decay
                 # + u B), dL/du = dt * sum_n lam_n B (+ D from the skip connection).
-                lam_h_a_A = zero
-                lam_b = zero
                 for n in range(n_state):
-                    lam_n = lam_next[n] + g * C_t[n]  # dL/dh_t
-                    dC_t[n] += g * h_t[n]
-                    dB_t[n] += lam_n * dtu
-                    lha = lam_n * h_prev[n] * decay_t[n]
-                    dA_d[n] += lha * dt_t
-                    lam_h_a_A += lha * A_d[n]
-                    lam_b += lam_n * B_t[n]
-                    lam_next[n] = lam_n * decay_t[n]
-                ddt = lam_h_a_A + lam_b * ut
-                du[b, t, d] = lam_b * dt_t + g * D_d
-                dD_d += g * ut
-                if softplus:
-                    ddt *= slope[b, t, d]
-                ddelta[b, t, d] = ddt
-                dbias_d += ddt
-            dD_acc[d] += dD_d
-            dbias_acc[d] += dbias_d
+                    B_n = Bt[b, t, n]
+                    C_n = Ct[b, t, n]
+                    A_n = AT[n, t0:t0 + w]
+                    dA_n = dAT_acc[n, t0:t0 + w]
+                    lam_r = lam[n]
+                    h_prev = hs[t, n]
+                    h_t = hs[t + 1, n]
+                    dec_n = decays[t, n]
+                    dC_s = zero
+                    dB_s = zero
+                    for j in range(w):
+                        lam_j = lam_r[j] + g_v[j] * C_n  # dL/dh_t
+                        dC_s += g_v[j] * h_t[j]
+                        dB_s += lam_j * dtu_v[j]
+                        lha = lam_j * h_prev[j] * dec_n[j]
+                        dA_n[j] += lha * dt_v[j]
+                        acc_ha[j] += lha * A_n[j]
+                        acc_lb[j] += lam_j * B_n
+                        lam_r[j] = lam_j * dec_n[j]
+                    dCt_acc[b, t, n] += dC_s
+                    dBt_acc[b, t, n] += dB_s
+                for j in range(w):
+                    d = t0 + j
+                    ddt = acc_ha[j] + acc_lb[j] * u_v[j]
+                    du[b, t, d] = acc_lb[j] * dt_v[j] + g_v[j] * Dv[d]
+                    dD_v[j] += g_v[j] * u_v[j]
+                    if softplus:
+                        ddt *= slope[b, t, d]
+                    ddelta[b, t, d] = ddt
+                    dbias_v[j] += ddt
+            for j in range(w):
+                dD_acc[t0 + j] += dD_v[j]
+                dbias_acc[t0 + j] += dbias_v[j]
 
 
 # --- autograd ------------------------------------------------------------------------------------
@@ -301,6 +350,17 @@ def _run_items(fn, items, threads: int) -> None:
             pool = _POOLS[threads] = ThreadPoolExecutor(threads, "selective_scan_cpu")
     for future in [pool.submit(fn, *args) for args in items]:
         future.result()  # re-raises a kernel's exception here
+
+
+def _chunks(batch: int, d_inner: int, threads: int) -> tuple[int, int]:
+    """How many slices of the batch and of the channels the kernels' work items take."""
+    items = threads * _ITEMS_PER_THREAD
+    if threads == 1:
+        return 1, 1
+    if batch >= items:
+        return items, 1
+    # Few sequences: split the channels too, so that every thread has work.
+    return max(batch, 1), max(1, min(d_inner, -(-items // max(batch, 1))))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -337,20 +397,23 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
         out = torch.empty_like(u_c)
         threads = torch.get_num_threads()
-        pairs = batch * d_inner
-        n_items = 1 if threads == 1 else max(1, min(pairs, threads * _ITEMS_PER_THREAD))
+        n_bchunks, n_dchunks = _chunks(batch, d_inner, threads)
         gate = u_c if z_c is None else F.silu(z_c)
         arrays = (
-            _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
+            _np(u_c), _np(dt), _np(A_c.t().contiguous()), _np(Bt), _np(Ct), _np(D_c),
             _np(gate), D is not None, z is not None,
         )  # fmt: skip
         n_state = A.shape[1]
+        dtype = arrays[0].dtype
+        tile = max(1, min(_D_TILE, d_inner))
         items = [
-            (*arrays, i * pairs // n_items, (i + 1) * pairs // n_items, _np(out),
-             np.empty(n_state, dtype=arrays[0].dtype))  # scratch: h
-            for i in range(n_items)
+            (*arrays,
+             bc * batch // n_bchunks, (bc + 1) * batch // n_bchunks,
+             dc * d_inner // n_dchunks, (dc + 1) * d_inner // n_dchunks, _np(out),
+             np.empty((n_state, tile), dtype), np.empty(tile, dtype), np.empty(tile, dtype))
+            for bc in range(n_bchunks) for dc in range(n_dchunks)
         ]  # fmt: skip
-        _run_items(_scan_fwd_pairs, items, threads)
+        _run_items(_scan_fwd_block, items, threads)
 
         # dt is kept (one (B, L, D) tensor) rather than recomputed: the elementwise functions
         # are left to torch.
@@ -368,13 +431,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dout = _steps(dout, u_c.dtype)
 
         threads = torch.get_num_threads()
-        items = threads * _ITEMS_PER_THREAD
-        if threads == 1:
-            n_bchunks, n_dchunks = 1, 1
-        elif batch >= items:
-            n_bchunks, n_dchunks = items, 1
-        else:  # few sequences: split the channels too, so that every thread has work
-            n_bchunks, n_dchunks = max(batch, 1), max(1, min(d_inner, -(-items // max(batch, 1))))
+        n_bchunks, n_dchunks = _chunks(batch, d_inner, threads)
         du = torch.empty_like(u_c)
         ddelta = torch.empty_like(u_c)
         dz = torch.empty_like(u_c) if z_c is not None else torch.empty(1, 1, 1, dtype=u_c.dtype)
@@ -382,7 +439,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         def partial(*shape):
             return torch.zeros(*shape, dtype=u_c.dtype)
 
-        dA_part = partial(n_bchunks, d_inner, n_state)
+        dA_part = partial(n_bchunks, n_state, d_inner)  # transposed, as A is handed over
         dBt_part = partial(n_dchunks, batch, length, n_state)
         dCt_part = partial(n_dchunks, batch, length, n_state)
         dD_part = partial(n_bchunks, d_inner)
@@ -399,7 +456,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             x = delta_c + bias_c
             slope = torch.where(x > _SOFTPLUS_THRESHOLD, torch.ones_like(x), torch.sigmoid(x))
         inputs = (
-            _np(u_c), _np(dt), _np(A_c), _np(Bt), _np(Ct), _np(D_c),
+            _np(u_c), _np(dt), _np(A_c.t().contiguous()), _np(Bt), _np(Ct), _np(D_c),
             _np(gate), _np(dgate), _np(slope), _np(dout), z_c is not None, ctx.softplus,
         )  # fmt: skip
         outputs = (_np(du), _np(ddelta), _np(dz))
@@ -408,12 +465,14 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
         def item(bc, dc):
             dA, dBt, dCt, dD, dbias = parts
+            tile = max(1, min(_D_TILE, d_inner))
             scratch = (
-                np.zeros((length + 1, n_state), dtype),  # hs
-                np.empty((length, n_state), dtype),  # decays
-                np.empty(n_state, dtype),  # h
-                np.empty(n_state, dtype),  # lam_next
-                np.empty(length, dtype),  # ys
+                np.zeros((length + 1, n_state, tile), dtype),  # hs
+                np.empty((length, n_state, tile), dtype),  # decays
+                np.empty((n_state, tile), dtype),  # h
+                np.empty((n_state, tile), dtype),  # lam
+                np.empty((length, tile), dtype),  # ys
+                *(np.empty(tile, dtype) for _ in range(8)),  # g_v, dt_v, ..., dD_v, dbias_v
             )
             return (
                 *inputs,
@@ -431,7 +490,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         grads = (
             du.transpose(1, 2),  # (B, D, L) views of (B, L, D) memory
             ddelta.transpose(1, 2),
-            total(dA_part),
+            total(dA_part).t(),
             total(dBt_part).transpose(1, 2),  # back to (B, N, L)
             total(dCt_part).transpose(1, 2),
             total(dD_part),

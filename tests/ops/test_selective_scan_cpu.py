@@ -281,3 +281,31 @@ def test_length_one_closed_form_gradcheck(with_D, with_z, with_bias, softplus):
     assert torch.autograd.gradcheck(fn, tuple(x[k] for k in given), eps=1e-6, atol=1e-7)
     out.sum().backward()
     assert torch.equal(x["A"].grad, torch.zeros_like(x["A"]))
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+def test_channel_tiles_with_ragged_upstream_gradients(monkeypatch, threads):
+    """The kernels run the channels in tiles: tiles of 3 over 8 channels (the last one short, and
+    with 2 threads cut again by the work items' channel ranges), a dout that ends at a different
+    step in each (row, channel), so a tile runs to its channels' latest one; the outputs and
+    gradients are the reference's and exactly 0 after each channel's last step."""
+    import echomamba_dist.ops.selective_scan_cpu as scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "_D_TILE", 3)
+    batch, d_inner, length, d_state = 2, 8, 9, 5
+    x = _inputs(batch, d_inner, length, d_state, seed=14)
+    last = torch.tensor([[0, 3, 8, 5, 2, 2, 7, 1], [4, 0, 1, 6, 8, 3, 0, 5]])  # (B, D)
+    grad_out = _grad_out(batch, d_inner, length) * (torch.arange(length) <= last[..., None])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, grads = _run(selective_scan_cpu, x, True, grad_out)
+    finally:
+        torch.set_num_threads(before)
+    out_ref, grads_ref = _run(selective_scan_ref, x, True, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-12, atol=1e-12, msg=k)
+    after = torch.arange(length) > last[..., None]  # (B, D, L)
+    for k in ("u", "delta", "z"):
+        assert torch.equal(grads[k][after], torch.zeros_like(grads[k][after])), k
