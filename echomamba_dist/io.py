@@ -83,6 +83,15 @@ def _fsync(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _check_existing_parent(p: Path) -> None:
+    """The nearest existing ancestor of `p` must be a directory (a path under a file cannot be made)."""
+    d = p.parent
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    if not d.is_dir():
+        raise OutputError(f"{d}: is a file, not a directory (in the output path {p})")
+
+
 def check_output_file(path: str | os.PathLike, *, overwrite: bool, owned: Owned | None = None,
                       what: str = "output file") -> Path:
     """Refuse an output file path early, before any work is done.
@@ -107,11 +116,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, owned: Owned 
         if owned is not None and not owned(p):
             raise OutputError(f"{p}: exists and is not a {what} this project wrote; --overwrite replaces only those "
                               f"(choose another path)")
-    d = p.parent
-    while not d.exists() and d.parent != d:
-        d = d.parent
-    if not d.is_dir():
-        raise OutputError(f"{d}: is a file, not a directory (in the output path {p})")
+    _check_existing_parent(p)
     return p
 
 
@@ -207,11 +212,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool, owned: Owned |
         if owned is not None and not owned(p):
             raise OutputError(f"{p}: not a {what} this project wrote (it holds other files); "
                               f"--overwrite replaces only those (choose another path)")
-    d = p.parent
-    while not d.exists() and d.parent != d:
-        d = d.parent
-    if not d.is_dir():
-        raise OutputError(f"{d}: is a file, not a directory (in the output path {p})")
+    _check_existing_parent(p)
     return p
 
 
