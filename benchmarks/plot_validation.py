@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from echomamba_dist.io import atomic_file  # noqa: E402
 from table2 import DISPLAY, ROWS, other_variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,11 +85,9 @@ def plot(report: dict[str, Any], lines: list[dict[str, Any]], path: Path) -> Non
     fig.suptitle(f"Validation {metric} after each epoch, {name} (dot: best epoch, whose weights were tested)",
                  fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, what="figure") as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

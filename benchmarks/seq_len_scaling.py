@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from echomamba_dist.io import atomic_file  # noqa: E402
 from _common import (  # noqa: E402
     REPO,
     PeakMemory,
@@ -201,11 +202,9 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"One training step, batch {report['settings']['batch']}, {report['settings']['n_items']:,} items, "
                  f"{report['precision']}, {where}", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, what="figure") as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
