@@ -430,11 +430,11 @@ def resolve_data(
     5-core) into `cache_root/<stem>`, and reused while its recorded source sha256 matches the file.
     """
     if smoke or spec == "synthetic":
-        from echomamba_dist.config import DataConfig, from_dict
+        from echomamba_dist.config import DataSettings, from_dict
         from echomamba_dist.data.dataset import load_dataset
 
         data = {"synthetic": dict(SMOKE_SYNTHETIC)} if smoke else {}
-        meta = load_dataset(from_dict(DataConfig, data)).meta
+        meta = load_dataset(from_dict(DataSettings, data)).meta
         return data, _describe("synthetic-smoke" if smoke else "synthetic", None, meta)
     path = Path(spec).expanduser().resolve()
     if path.is_dir():
@@ -451,7 +451,7 @@ def resolve_data(
         meta = json.loads(meta_file.read_text())
     else:
         print(f"preparing {path} into {out}", flush=True)
-        meta = prepare(path, out, use_ray=False, overwrite=True)
+        meta = prepare(path, out, overwrite=True)
     return {"path": str(out)}, _describe(path.stem, out, meta)
 
 
@@ -525,7 +525,10 @@ def build_run(config: dict[str, Any], *, data=None):
 
     from echomamba_dist.config import experiment_from_dict
     from echomamba_dist.models.registry import build_model, model_class
-    from echomamba_dist.train.loop import BatchSource, build_training_data, resolve_device, seed_everything
+    from echomamba_dist.train.loop import seed_everything
+    from echomamba_dist.train.session import resolve_device
+    from echomamba_dist.train.batches import build_training_data
+    from echomamba_dist.train.batches import BatchSource
 
     cfg = experiment_from_dict(config)
     device = resolve_device(cfg.train.device)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from echomamba_dist.config import SyntheticConfig  # noqa: E402
 from echomamba_dist.data.prepare import PrepareOptions, format_stats, prepare  # noqa: E402
 from echomamba_dist.data.synthetic import generate_synthetic  # noqa: E402
+from echomamba_dist.distributed.prepare import prepare_on_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {n_rows:,} interactions ({src.stat().st_size / 2**20:.0f} MiB Parquet) in {generated:.1f} s")
 
         start = time.perf_counter()
-        meta = prepare(src, Path(tmp) / "prepared", PrepareOptions(k_core=args.k_core), use_ray=not args.no_ray)
+        run = prepare if args.no_ray else prepare_on_ray
+        meta = run(src, Path(tmp) / "prepared", PrepareOptions(k_core=args.k_core))
         elapsed = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(format_stats(meta))

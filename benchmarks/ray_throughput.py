@@ -3,7 +3,7 @@
     python benchmarks/ray_throughput.py [--epochs 4] [--workers 1 2] [--gpu] [--out docs/results/ray_throughput.json]
 
 Trains the default model (EchoMamba4Rec, paper settings) on the default synthetic dataset with
-`echomamba_dist.ray_train.fit` on a local Ray, once per worker count, plus one run of the same
+`echomamba_dist.distributed.trainer.fit` on a local Ray, once per worker count, plus one run of the same
 loop in this process without Ray (the baseline). The figure is the median over epochs 1.. of the
 global training samples per second (epoch 0 is left out: it includes the kernels' JIT warm-up);
 validation time is not included. Prints a Markdown table and writes the figures, the machine, the
@@ -49,7 +49,7 @@ def epoch_history(run_dir: Path) -> list[dict]:
 
 
 def measure(cfg: ExperimentConfig, *, label: str) -> dict:
-    from echomamba_dist.ray_train import fit, resolve_for_workers
+    from echomamba_dist.distributed.trainer import fit, resolve_for_workers
     from echomamba_dist.train.loop import train_per_worker
 
     start = time.perf_counter()

@@ -98,7 +98,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     src = out.parent / f"synthetic-{args.interactions}.parquet"
     pq.write_table(generate_synthetic(cfg), src)
-    meta = prepare(src, out, PrepareOptions(k_core=5), use_ray=False, overwrite=True)
+    meta = prepare(src, out, PrepareOptions(k_core=5), overwrite=True)
     src.unlink()
     return meta
 
@@ -128,7 +128,7 @@ def dense_source(windows, max_len: int, **kwargs):
     import numpy as np
     import torch
 
-    from echomamba_dist.train.loop import BatchSource
+    from echomamba_dist.train.batches import BatchSource
 
     class DenseSource(BatchSource):
         def to_batch(self, idx, *, device):
@@ -149,7 +149,7 @@ def dense_source(windows, max_len: int, **kwargs):
 def build_source(cfg, kind: str, dataset, *, rank: int = 0, world_size: int = 1):
     """leave_one_out + the training source of `kind` for `cfg`, as the loop builds it."""
     from echomamba_dist.data.splits import build_windows, leave_one_out
-    from echomamba_dist.train.loop import BatchSource
+    from echomamba_dist.train.batches import BatchSource
 
     loo = leave_one_out(dataset.offsets, dataset.items)
     windows = build_windows(loo.train_offsets, loo.train_items, cfg.sample_mode)
@@ -259,7 +259,7 @@ def _ray_train_worker(config: dict[str, Any]) -> None:
     from echomamba_dist.config import experiment_from_dict
     from echomamba_dist.data.dataset import load_prepared
     from echomamba_dist.models.registry import build_model
-    from echomamba_dist.ray_train import RaySession
+    from echomamba_dist.distributed.trainer import RaySession
     from echomamba_dist.train.loop import LossModule, seed_everything
 
     cfg = experiment_from_dict(config["experiment"])
@@ -295,7 +295,8 @@ def _two_workers(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from echomamba_dist.config import experiment_from_dict
-    from echomamba_dist.ray_train import TRAIN_DATASET, build_train_dataset, init_ray
+    from echomamba_dist.distributed.trainer import TRAIN_DATASET, build_train_dataset
+    from echomamba_dist.distributed.runtime import init_ray
 
     # the workers import this script's helpers by name
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])

@@ -87,7 +87,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
     from echomamba_dist.config import experiment_from_dict
     from echomamba_dist.models.registry import model_class
-    from echomamba_dist.train.loop import build_training_data
+    from echomamba_dist.train.batches import build_training_data
 
     data = build_training_data(experiment_from_dict(config), model_class(args.model).sample_mode)
     warm_up(args.model, device, autocast_dtype=autocast)

@@ -15,8 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from echomamba_dist import __version__
-from echomamba_dist.config import ConfigError, load_config, to_dict
-from echomamba_dist.errors import CheckpointError, DataError, NonFiniteScores, TrainingDiverged, WorkerError
+from echomamba_dist.config import (
+    EvaluateConfig,
+    ExperimentConfig,
+    PrepareConfig,
+    RecommendConfig,
+    load,
+    to_dict,
+)
+from echomamba_dist.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteScores,
+    TrainingDiverged,
+    WorkerError,
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -32,15 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"echomamba-dist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    # every command: a config file, then --set overrides, then its flags (a flag given wins)
     p = sub.add_parser("prepare", help="turn an interaction log into a prepared dataset")
-    p.add_argument("--input", required=True, help="interaction log (sequence text, .inter, CSV/TSV, ratings.dat, Parquet)")
-    p.add_argument("--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--format", dest="fmt", default=None, help="force the input format (default: detected)")
-    p.add_argument("--min-rating", type=float, default=None, help="drop interactions rated below this")
-    p.add_argument("--k-core", type=int, default=5, help="iterative k-core on users and items (0: off)")
-    p.add_argument("--keep-duplicates", action="store_true", help="keep repeated (user, item) pairs")
-    p.add_argument("--no-ray", action="store_true", help="prepare in this process instead of on Ray Data")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_config_args(p)
+    p.add_argument("--input", help="interaction log (sequence text, .inter, CSV/TSV, ratings.dat, Parquet)")
+    p.add_argument("--output", help="output directory (written atomically)")
+    p.add_argument("--format", help="force the input format (default: detected)")
+    p.add_argument("--min-rating", type=float, help="drop interactions rated below this")
+    p.add_argument("--k-core", type=int, help="iterative k-core on users and items (0: off; default 5)")
+    p.add_argument("--keep-duplicates", action="store_true", default=None, help="keep repeated (user, item) pairs")
+    p.add_argument("--no-ray", dest="ray", action="store_false", default=None, help="prepare in this process instead of on Ray Data")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
 
     p = sub.add_parser(
         "train", help="train a model; without --config, the main job (echomamba_dist/configs/main.yaml)"
@@ -48,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-    # evaluate and recommend: a config file (jobs/configs/evaluate-*.yaml, recommend-*.yaml) and/or
-    # flags; a flag given on the command line wins over the file.
     p = sub.add_parser("evaluate", help="score a checkpoint on a prepared dataset")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory or run directory")
@@ -114,11 +128,23 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The command-line flags of `args` named `names` (None: not given)."""
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from echomamba_dist.data.prepare import PrepareOptions, format_stats, prepare
 
-    options = PrepareOptions(fmt=args.fmt, min_rating=args.min_rating, dedup=not args.keep_duplicates, k_core=args.k_core)
-    meta = prepare(args.input, args.output, options=options, use_ray=not args.no_ray, overwrite=args.overwrite)
+    job = load(PrepareConfig, args.config, args.overrides, _flags(
+        args, "input", "output", "format", "min_rating", "k_core", "keep_duplicates", "ray", "overwrite"))
+    options = PrepareOptions(fmt=job.format, min_rating=job.min_rating, dedup=not job.keep_duplicates, k_core=job.k_core)
+    if job.ray:
+        from echomamba_dist.distributed.prepare import prepare_on_ray
+
+        meta = prepare_on_ray(job.input, job.output, options, overwrite=job.overwrite)
+    else:
+        meta = prepare(job.input, job.output, options, overwrite=job.overwrite)
     print(format_stats(meta))
     return 0
 
@@ -128,20 +154,24 @@ MAIN_JOB_CONFIG = Path(__file__).resolve().parent / "configs" / "main.yaml"
 
 def cmd_train(args: argparse.Namespace) -> int:
     # without --config: the main job (packaged config; `--print-config` shows it)
-    cfg = load_config(args.config or MAIN_JOB_CONFIG, args.overrides)
+    cfg = load(ExperimentConfig, args.config or MAIN_JOB_CONFIG, args.overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     if cfg.train.ray:
-        from echomamba_dist.ray_train import fit
+        from echomamba_dist.distributed.trainer import fit
 
         result = fit(cfg)
     else:
         from echomamba_dist.train.loop import train_per_worker
 
         result = train_per_worker(to_dict(cfg))
+    if cfg.tracking.enabled and cfg.tracking.log_model:
+        from echomamba_dist.serve.pyfunc import publish_run
+
+        publish_run(cfg)  # the best model, logged and registered (a served champion)
     print(format_result(result, run_dir=cfg.run.run_dir))
     return 0
 
@@ -180,7 +210,7 @@ def _check_dataset(loaded, *, n_items: int, fingerprint: str, data_name: str, ig
 
 
 def _eval_data(loaded, data_path: str | None, *, ignore_fingerprint: bool = False):
-    from echomamba_dist.train.loop import build_training_data
+    from echomamba_dist.train.batches import build_training_data
 
     cfg = loaded.config
     if data_path is not None:
@@ -194,14 +224,12 @@ def _eval_data(loaded, data_path: str | None, *, ignore_fingerprint: bool = Fals
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from echomamba_dist.config import EvaluateConfig, load_command_config
-    from echomamba_dist.inference import load_model
     from echomamba_dist.io import check_output_file, write_json_atomic
+    from echomamba_dist.serve.load import load_model
     from echomamba_dist.train.evaluate import evaluate_model
 
-    flags = {k: getattr(args, k) for k in (
-        "checkpoint", "data", "split", "exclude_history", "output", "ignore_fingerprint", "overwrite")}
-    job = load_command_config(EvaluateConfig, args.config, args.overrides, flags)
+    job = load(EvaluateConfig, args.config, args.overrides, _flags(
+        args, "checkpoint", "data", "split", "exclude_history", "output", "ignore_fingerprint", "overwrite"))
     report_file = {"overwrite": job.overwrite, "owned": _is_evaluate_report, "what": "metrics report"}
     if job.output is not None:
         check_output_file(job.output, **report_file)  # before any work
@@ -244,18 +272,19 @@ def _note(command: str, message: str) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from echomamba_dist.config import RecommendConfig, load_command_config
     from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
-    from echomamba_dist.inference import load_model, pad_histories, topk_items
+    from echomamba_dist.serve.load import load_model, pad_histories, topk_items
 
-    flags = {k: getattr(args, k) for k in (
-        "checkpoint", "data", "output", "history", "top_k", "include_history", "ray", "actors", "gpu",
-        "ignore_fingerprint", "overwrite")}
+    flags = _flags(args, "checkpoint", "data", "output", "history", "top_k", "include_history", "ray", "actors", "gpu",
+                   "ignore_fingerprint", "overwrite")
     flags["users"] = args.users.split(",") if args.users else None
-    job = load_command_config(RecommendConfig, args.config, args.overrides, flags)
+    job = load(RecommendConfig, args.config, args.overrides, flags)
     if job.output is not None:  # before any work
         from echomamba_dist.io import check_output_dir, check_output_file
-        from echomamba_dist.serving import is_recommendations_dir, is_recommendations_file
+        from echomamba_dist.serve.batch import (
+            is_recommendations_dir,
+            is_recommendations_file,
+        )
 
         if job.ray:
             check_output_dir(job.output, overwrite=job.overwrite, owned=is_recommendations_dir, what="recommendations directory")
@@ -285,7 +314,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             seen = f", less the {ds.n_items - len(found)} in the history" if not job.include_history else ""
             _note("recommend", f"returned {len(found)} of {job.top_k} items: the dataset has {ds.n_items} items{seen}")
         return 0
-    from echomamba_dist.serving import available_items, recommend_on_ray, recommend_users, write_recommendations
+    from echomamba_dist.serve.batch import (
+        available_items,
+        recommend_users,
+        write_recommendations,
+    )
 
     def note_short(users) -> None:
         short = available_items(ds, users, max_len=cfg.data.max_len, exclude_history=not job.include_history) < job.top_k
@@ -295,6 +328,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                                f"the dataset has {ds.n_items} items{seen}")
 
     if job.ray:
+        from echomamba_dist.distributed.recommend import recommend_on_ray
+
         with _naming_checkpoint(loaded):
             n = recommend_on_ray(
                 loaded.checkpoint_dir, ds, job.output, k=job.top_k, exclude_history=not job.include_history,
@@ -335,7 +370,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from echomamba_dist.tune import run_study
+    from echomamba_dist.distributed.tune.driver import run_study
 
     run_study(args.config, args.overrides)
     return 0

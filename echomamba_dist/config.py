@@ -17,13 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from echomamba_dist.errors import ConfigError
+from echomamba_dist.io import write_text_atomic
+from echomamba_dist.models.registry import model_class, model_config_class
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, or its value has the wrong type or range."""
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,14 +45,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # the next member of the union may take it
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -225,7 +226,7 @@ class SyntheticConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataSettings:
     """Which prepared dataset to train on, and how sequences become model input."""
 
     path: str | None = None  # a directory written by `echomamba prepare`; None: the synthetic set
@@ -293,7 +294,7 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunSettings:
     """Where a run lives. A stable name makes a restarted run resume its checkpoints."""
 
     name: str = "echomamba4rec-synthetic"  # run name: checkpoints live in storage_path/name
@@ -358,15 +359,22 @@ class TrackingConfig:
 class ExperimentConfig:
     """Everything one training run needs: data, model, training, run location and tracking."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSettings = field(default_factory=DataSettings)
     model: Any = None  # a registered model's config dataclass; None: EchoMamba4Rec defaults
     train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunSettings = field(default_factory=RunSettings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.model is None or isinstance(self.model, dict):
-            self.model = model_config_from_dict(self.model or {}, prefix="model")
+            self.model = model_config_from_dict(_model_section(self.model or {}, self.data.max_len), prefix="model")
+        if hasattr(self.model, "max_len"):  # max_len is set once, in data: the model takes it
+            self.model.max_len = self.data.max_len
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build and validate from a nested dict (`experiment_from_dict`)."""
+        return experiment_from_dict(data)
 
     @property
     def model_name(self) -> str:
@@ -375,31 +383,19 @@ class ExperimentConfig:
     @property
     def sample_mode(self) -> str:
         """The samples this run trains on: `train.samples`, or the model's own when `auto`."""
-        from echomamba_dist.models.registry import model_class
-
         return model_class(self.model_name).sample_mode if self.train.samples == "auto" else self.train.samples
 
     def check(self) -> None:
         """Checks across sections. Raises ConfigError naming the key."""
-        from echomamba_dist.models.registry import model_class
-
         supported = model_class(self.model_name).supported_samples
         if self.train.samples != "auto" and self.train.samples not in supported:
             raise ConfigError(
                 f"train.samples: {self.model_name} trains on {' or '.join(supported)} samples, not {self.train.samples}"
             )
-        model_max_len = getattr(self.model, "max_len", None)  # models with position embeddings or filters
-        if model_max_len is not None and self.data.max_len > model_max_len:
-            raise ConfigError(
-                f"data.max_len: {self.data.max_len} exceeds model.max_len={model_max_len} (the longest input "
-                f"{self.model_name} takes); lower data.max_len or raise model.max_len"
-            )
 
 
 def model_config_from_dict(data: dict[str, Any], *, prefix: str = "model") -> Any:
     """Parse the model section: `name` picks the registered config dataclass for the rest."""
-    from echomamba_dist.models.registry import model_config_class
-
     data = dict(data)
     name = data.get("name", "echomamba4rec")
     if not isinstance(name, str):
@@ -419,11 +415,31 @@ def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
-    model = model_config_from_dict(data.pop("model", None) or {}, prefix="model")
+    model_data = data.pop("model", None) or {}
     cfg = from_dict(ExperimentConfig, data)
-    cfg.model = model
+    cfg.model = model_config_from_dict(_model_section(model_data, cfg.data.max_len), prefix="model")
+    if hasattr(cfg.model, "max_len"):
+        cfg.model.max_len = cfg.data.max_len
     cfg.check()
     return cfg
+
+
+def _model_section(model: Any, max_len: int) -> Any:
+    """The model section without `max_len`, which `data.max_len` sets for every model (the
+    longest input, and the size of position tables and filters). A `model.max_len` equal to it
+    is accepted, as in the configs that checkpoints and earlier versions wrote.
+
+    Raises:
+        ConfigError: `model.max_len` differs from `data.max_len`.
+    """
+    if not isinstance(model, dict) or "max_len" not in model:
+        return model
+    model = dict(model)
+    given = model.pop("max_len")
+    if given != max_len:
+        raise ConfigError(f"model.max_len: max_len is set once, as data.max_len (now {max_len}), which the model "
+                          f"takes; drop model.max_len (got {given!r}) or set data.max_len={given!r}")
+    return model
 
 
 def read_yaml_mapping(path: str | os.PathLike, *, what: str = "config file") -> dict[str, Any]:
@@ -444,17 +460,30 @@ def read_yaml_mapping(path: str | os.PathLike, *, what: str = "config file") -> 
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config file (optional), apply `key=value` overrides, and validate.
+def load(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+         flags: dict[str, Any] | None = None) -> T:
+    """The one config loader of every command: the YAML file, then `--set key=value` overrides,
+    then the command's own flags, each over the one before; then parsed and validated as `cls`.
 
+    Args:
+        cls: ExperimentConfig (train), EvaluateConfig, RecommendConfig, PrepareConfig, or any
+            config class; one with a `from_dict` classmethod parses itself (ExperimentConfig's
+            model section, a study's search space), any other dataclass goes through `from_dict`.
+        path: a YAML file (optional).
+        overrides: `key=value` strings, dotted keys into sections, values parsed as YAML scalars.
+        flags: top-level keys from command-line flags; None values are flags not given.
+    Returns:
+        The validated config.
     Raises:
-        ConfigError: the file is missing or not YAML, or a key/value is invalid (named).
+        ConfigError: naming the file (when one is given) and the dotted key.
     """
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     if overrides:
         data = apply_overrides(data, overrides)
+    data.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
-        return experiment_from_dict(data)
+        parse = getattr(cls, "from_dict", None)
+        return parse(data) if parse is not None else from_dict(cls, data)
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
@@ -463,11 +492,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, p)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), what="config file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,27 +554,19 @@ class RecommendConfig:
             self.users = [str(u) for u in self.users]  # YAML reads `users: [17, 42]` as integers
 
 
-def load_command_config(
-    cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-    flags: dict[str, Any] | None = None,
-) -> Any:
-    """A command's config: the YAML file, then `key=value` overrides, then command-line flags.
+@dataclass
+class PrepareConfig:
+    """`echomamba prepare`: an interaction log -> a prepared dataset (see `data.prepare`)."""
 
-    Args:
-        cls: EvaluateConfig or RecommendConfig.
-        path: YAML file (optional).
-        overrides: `key=value` strings (`--set`).
-        flags: values of explicit command-line flags; None values are flags not given.
-    Raises:
-        ConfigError: naming the file (when one is given) and the key.
-    """
-    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
-    if overrides:
-        data = apply_overrides(data, overrides)
-    data.update({k: v for k, v in (flags or {}).items() if v is not None})
-    try:
-        return from_dict(cls, data)
-    except ConfigError as exc:
-        if path is not None:
-            raise ConfigError(f"{path}: {exc}") from None
-        raise
+    input: str = ""  # the interaction log (sequence text, .inter, CSV/TSV, ratings.dat, Parquet); required
+    output: str = ""  # the prepared dataset directory (written atomically); required
+    format: str | None = None  # force the input format; None: detected from the file
+    min_rating: float | None = None  # drop interactions rated below this
+    k_core: int = 5  # iterative k-core on users and items (0: off)
+    keep_duplicates: bool = False  # keep repeated (user, item) pairs
+    ray: bool = True  # run the transforms on Ray Data (False: in this process)
+    overwrite: bool = False  # replace an existing output directory (a prepared dataset)
+
+    def __post_init__(self) -> None:
+        if not self.input or not self.output:
+            raise ConfigError(f"{'input' if not self.input else 'output'}: required (--{'input' if not self.input else 'output'})")

@@ -4,6 +4,11 @@ and what was expected; the CLI prints it and exits with status 2."""
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A configuration key is unknown, or its value has the wrong type or range (the dotted key
+    and, when read from a file, the file are named)."""
+
+
 class DataError(ValueError):
     """Bad input data: a missing/unreadable file, a malformed row, a filter that leaves nothing."""
 

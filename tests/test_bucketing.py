@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from echomamba_dist.models.registry import build_model, model_class, model_config_class
-from echomamba_dist.train.loop import BatchSource, train_per_worker
+from echomamba_dist.train.loop import train_per_worker
+from echomamba_dist.train.batches import BatchSource
 
 N_ITEMS = 30
 MAX_LEN = 12

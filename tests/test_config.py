@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from echomamba_dist.config import (
-    ConfigError,
-    ExperimentConfig,
-    TrainConfig,
-    apply_overrides,
-    experiment_from_dict,
-    flatten,
-    load_config,
-    save_config,
-    to_dict,
-)
+from echomamba_dist.config import ExperimentConfig, TrainConfig, apply_overrides, experiment_from_dict, flatten, load, save_config, to_dict
+from echomamba_dist.errors import ConfigError
 
 
 def test_defaults_are_the_papers_settings():
@@ -29,7 +20,7 @@ def test_defaults_are_the_papers_settings():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  name: sasrec\ntrain:\n  lr: 0.01\n  ks: [5, 10]\n")
-    cfg = load_config(path, ["train.epochs=3", "data.max_len=20", "run.name=abc"])
+    cfg = load(ExperimentConfig, path, ["train.epochs=3", "data.max_len=20", "run.name=abc"])
     assert cfg.model_name == "sasrec"
     assert cfg.train.lr == 0.01 and cfg.train.epochs == 3 and cfg.train.ks == [5, 10]
     assert cfg.data.max_len == 20 and cfg.run.name == "abc"
@@ -63,12 +54,12 @@ def test_errors_from_a_file_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  lr: [1]\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: train\.lr"):
-        load_config(path)
+        load(ExperimentConfig, path)
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(tmp_path / "missing.yaml")
+        load(ExperimentConfig, tmp_path / "missing.yaml")
     path.write_text("train: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(path)
+        load(ExperimentConfig, path)
 
 
 def test_override_syntax_errors():
@@ -83,7 +74,7 @@ def test_override_syntax_errors():
 def test_round_trip_through_yaml(tmp_path):
     cfg = experiment_from_dict({"model": {"name": "echomamba4rec", "combine": "concat"}, "train": {"seed": 7}})
     save_config(cfg, tmp_path / "out.yaml")
-    again = load_config(tmp_path / "out.yaml")
+    again = load(ExperimentConfig, tmp_path / "out.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -103,7 +94,7 @@ def test_run_dir_is_absolute(tmp_path):
 
 from pathlib import Path  # noqa: E402
 
-from echomamba_dist.config import EvaluateConfig, RecommendConfig, load_command_config  # noqa: E402
+from echomamba_dist.config import EvaluateConfig, RecommendConfig  # noqa: E402
 
 JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -111,10 +102,10 @@ JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 def test_command_config_file_then_set_then_flags(tmp_path):
     path = tmp_path / "rec.yaml"
     path.write_text("checkpoint: runs/a\noutput: out.parquet\ntop_k: 5\nusers: [17, u2]\n")
-    job = load_command_config(RecommendConfig, path)
+    job = load(RecommendConfig, path)
     assert (job.checkpoint, job.output, job.top_k, job.ray) == ("runs/a", "out.parquet", 5, False)
     assert job.users == ["17", "u2"]  # YAML integers become original-id strings
-    job = load_command_config(RecommendConfig, path, ["top_k=7", "checkpoint=runs/b"], {"checkpoint": "runs/c", "top_k": None})
+    job = load(RecommendConfig, path, ["top_k=7", "checkpoint=runs/b"], {"checkpoint": "runs/c", "top_k": None})
     assert (job.checkpoint, job.top_k) == ("runs/c", 7)  # a flag wins over --set; an absent flag (None) does not
 
 
@@ -136,7 +127,7 @@ def test_command_config_errors_name_the_file_and_key(tmp_path, cls, text, needle
     path = tmp_path / "job.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
-        load_command_config(cls, path)
+        load(cls, path)
     assert str(path) in str(err.value) and needle in str(err.value)
 
 
@@ -145,9 +136,9 @@ def test_every_evaluate_and_recommend_job_config_loads():
     recommends = sorted(JOB_CONFIGS.glob("recommend-*.yaml"))
     assert evaluates and recommends
     for path in evaluates:
-        assert load_command_config(EvaluateConfig, path).checkpoint
+        assert load(EvaluateConfig, path).checkpoint
     for path in recommends:
-        job = load_command_config(RecommendConfig, path)
+        job = load(RecommendConfig, path)
         assert job.output and job.ray  # the job configs are the batch (Ray Data) path
 
 
@@ -167,7 +158,7 @@ def test_train_samples_must_suit_the_model():
 def test_every_job_config_loads_with_its_loader():
     """Each file in jobs/configs/ is a training run, a study, or an evaluate / recommend job, and
     loads without error through the loader its entrypoint uses."""
-    from echomamba_dist.tune import load_study
+    from echomamba_dist.distributed.tune.study import load_study
 
     paths = sorted(JOB_CONFIGS.glob("*.yaml"))
     assert len(paths) >= 10
@@ -175,18 +166,18 @@ def test_every_job_config_loads_with_its_loader():
         if path.name.startswith("tune-"):
             load_study(path)
         elif path.name.startswith("evaluate-"):
-            load_command_config(EvaluateConfig, path)
+            load(EvaluateConfig, path)
         elif path.name.startswith("recommend-"):
-            load_command_config(RecommendConfig, path)
+            load(RecommendConfig, path)
         else:
-            cfg = load_config(path)
+            cfg = load(ExperimentConfig, path)
             assert cfg.run.name, path
     # the paper's Beauty runs: the settings of §4.1
     for model in ("echomamba4rec", "sasrec", "gru4rec", "mamba4rec"):
-        cfg = load_config(JOB_CONFIGS / f"beauty-{model}.yaml")
+        cfg = load(ExperimentConfig, JOB_CONFIGS / f"beauty-{model}.yaml")
         assert cfg.model_name == model and (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (2048, 1e-3, 10)
         assert cfg.data.max_len == 50 and cfg.model.hidden_size == 64 and cfg.model.dropout == 0.2
-    assert load_config(JOB_CONFIGS / "beauty-gru4rec.yaml").sample_mode == "prefix"
+    assert load(ExperimentConfig, JOB_CONFIGS / "beauty-gru4rec.yaml").sample_mode == "prefix"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +186,7 @@ def test_every_job_config_loads_with_its_loader():
 
 @pytest.mark.parametrize("raw, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("0.01", 0.01), ("2", 2.0), ("+1e-2", 0.01)])
 def test_exponent_without_a_dot_is_a_number(raw, value):
-    cfg = load_config(None, [f"train.lr={raw}", f"train.grad_clip={raw}"])
+    cfg = load(ExperimentConfig, None, [f"train.lr={raw}", f"train.grad_clip={raw}"])
     assert cfg.train.lr == value and type(cfg.train.lr) is float
     assert cfg.train.grad_clip == value
 
@@ -203,7 +194,7 @@ def test_exponent_without_a_dot_is_a_number(raw, value):
 def test_exponent_in_a_yaml_file_is_a_number(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-4\n  weight_decay: 1e-5\n")  # PyYAML reads both as strings
-    cfg = load_config(path)
+    cfg = load(ExperimentConfig, path)
     assert (cfg.train.lr, cfg.train.weight_decay) == (1e-4, 1e-5)
 
 
@@ -214,16 +205,33 @@ def test_exponent_in_a_yaml_file_is_a_number(tmp_path):
         (["train.lr=1e-3x"], "train.lr: expected a number, got '1e-3x'"),
         (["train.grad_clip=-1"], "train.grad_clip: must be > 0 (or null: no clipping), got -1.0"),
         (["train.grad_clip=0"], "train.grad_clip: must be > 0"),
-        (["data.max_len=60", "model.max_len=50"], "data.max_len: 60 exceeds model.max_len=50"),
-        (["data.max_len=60", "model.name=sasrec"], "data.max_len: 60 exceeds model.max_len=50"),
+        (["data.max_len=60", "model.max_len=50"], "model.max_len: max_len is set once, as data.max_len (now 60)"),
+        (["model.max_len=40"], "drop model.max_len (got 40) or set data.max_len=40"),
     ],
 )
 def test_impossible_values_are_refused_when_built(overrides, needle):
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        load(ExperimentConfig, None, overrides)
     assert needle in str(info.value)
 
 
 def test_models_without_a_length_limit_take_any_data_max_len():
-    assert load_config(None, ["model.name=gru4rec", "data.max_len=500"]).data.max_len == 500
-    assert load_config(None, ["train.grad_clip=null"]).train.grad_clip is None
+    assert load(ExperimentConfig, None, ["model.name=gru4rec", "data.max_len=500"]).data.max_len == 500
+    assert load(ExperimentConfig, None, ["train.grad_clip=null"]).train.grad_clip is None
+
+
+@pytest.mark.parametrize("model", ["sasrec", "echomamba4rec", "bert4rec"])
+def test_max_len_is_set_once_in_data_and_the_model_takes_it(model):
+    from echomamba_dist.models.registry import build_model
+
+    cfg = load(ExperimentConfig, None, ["data.max_len=37", f"model.name={model}"])
+    assert cfg.model.max_len == 37
+    net = build_model(cfg.model, n_items=20)
+    rows = {"sasrec": 37, "bert4rec": 38}.get(model)  # BERT4Rec adds the mask position
+    if rows is not None:
+        assert net.position_embedding.num_embeddings == rows
+    # the config a checkpoint stores (model.max_len written out) loads again; a different one does not
+    again = experiment_from_dict(to_dict(cfg))
+    assert again.model.max_len == 37
+    with pytest.raises(ConfigError, match="model.max_len: max_len is set once"):
+        experiment_from_dict({**to_dict(cfg), "model": {**to_dict(cfg.model), "max_len": 50}})

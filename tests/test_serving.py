@@ -10,8 +10,9 @@ import pytest
 
 from echomamba_dist.config import experiment_from_dict
 from echomamba_dist.data.dataset import load_dataset
-from echomamba_dist.inference import load_model, pad_histories, topk_items
-from echomamba_dist.serving import recommend_users
+from echomamba_dist.serve.load import load_model, pad_histories, topk_items
+from echomamba_dist.serve.batch import recommend_users
+from echomamba_dist.serve.pyfunc import publish_run
 from echomamba_dist.train.loop import train_per_worker
 
 
@@ -27,6 +28,7 @@ def trained(tmp_path_factory):
         "tracking": {"tracking_uri": uri, "experiment": "serving"},
     }
     train_per_worker(cfg)
+    publish_run(experiment_from_dict(cfg))  # what `echomamba train` does after training
     return root, uri, cfg
 
 
@@ -55,8 +57,6 @@ def test_mlflow_pyfunc_model_scores_like_the_checkpoint(trained):
 def test_the_run_registers_its_model_with_a_signature_and_an_input_example(trained):
     import mlflow
 
-    from echomamba_dist.mlflow_model import load_recommender
-
     root, uri, cfg = trained
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = mlflow.search_runs(experiment_names=["serving"], output_format="list")[0]
@@ -71,7 +71,7 @@ def test_the_run_registers_its_model_with_a_signature_and_an_input_example(train
     local = mlflow.artifacts.download_artifacts("models:/serve/1", dst_path=str(root / "downloaded"))
     example = mlflow.models.Model.load(local).load_input_example(local)
     assert example.columns.tolist() == ["history"] and all(len(h) >= 1 for h in example["history"])
-    out = load_recommender(local).predict(example)
+    out = mlflow.pyfunc.load_model(local).predict(example)
     assert len(out) == len(example) and all(len(items) == 10 for items in out["items"])
 
 
@@ -119,7 +119,7 @@ def test_bad_input_is_an_invalid_parameter_error_naming_the_row(trained, frame, 
 def test_batch_recommendation_on_ray_matches_in_process(trained, tmp_path):
     import ray
 
-    from echomamba_dist.serving import recommend_on_ray
+    from echomamba_dist.distributed.recommend import recommend_on_ray
 
     from echomamba_dist.errors import NonFiniteScores, OutputError
 
@@ -152,7 +152,7 @@ def _nan_checkpoint(run_dir, target):
     """A copy of the run's newest checkpoint with every weight NaN (a diverged model)."""
     import torch
 
-    from echomamba_dist.inference import resolve_checkpoint
+    from echomamba_dist.serve.load import resolve_checkpoint
     from echomamba_dist.train.checkpoint import read_config, read_meta, read_state, write_checkpoint
 
     src = resolve_checkpoint(run_dir)
@@ -165,7 +165,7 @@ def test_topk_returns_only_unseen_items_and_refuses_nan_scores(trained, tmp_path
     """issue 14: -k beyond the unseen items padded the list with seen items at -inf, and a NaN
     model's scores were served as they were."""
     from echomamba_dist.errors import NonFiniteScores
-    from echomamba_dist.serving import available_items
+    from echomamba_dist.serve.batch import available_items
 
     root, _, cfg = trained
     ds = load_dataset(experiment_from_dict(cfg).data)
@@ -193,7 +193,7 @@ def test_topk_returns_only_unseen_items_and_refuses_nan_scores(trained, tmp_path
 
 def test_write_recommendations_refuses_what_it_did_not_write(trained, tmp_path):
     from echomamba_dist.errors import OutputError
-    from echomamba_dist.serving import write_recommendations
+    from echomamba_dist.serve.batch import write_recommendations
 
     root, _, cfg = trained
     ds = load_dataset(experiment_from_dict(cfg).data)

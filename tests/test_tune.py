@@ -18,18 +18,16 @@ import pytest
 import yaml
 
 from echomamba_dist.cli import main
-from echomamba_dist.config import ConfigError, experiment_from_dict, load_config
-from echomamba_dist.tune import (
-    TRIALS_DIR,
-    TUNER_DIR,
-    format_results,
-    load_study,
-    search_space,
-    trial_concurrency,
-    trial_config,
-    with_params,
-    write_results,
-)
+from echomamba_dist.config import ExperimentConfig, experiment_from_dict, load
+from echomamba_dist.errors import ConfigError
+from echomamba_dist.distributed.tune.study import TRIALS_DIR, TUNER_DIR
+from echomamba_dist.distributed.tune.results import format_results
+from echomamba_dist.distributed.tune.results import write_results
+from echomamba_dist.distributed.tune.driver import trial_concurrency
+from echomamba_dist.distributed.tune.study import search_space
+from echomamba_dist.distributed.tune.study import trial_config
+from echomamba_dist.distributed.tune.study import with_params
+from echomamba_dist.distributed.tune.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
@@ -178,7 +176,7 @@ def failing_study(tmp_path_factory):
     """A 3-trial study in which the trials with combine=concat fail (random search, seed 0)."""
     import ray
 
-    from echomamba_dist.tune import run_study
+    from echomamba_dist.distributed.tune.driver import run_study
 
     tmp_path = tmp_path_factory.mktemp("tune")
     path = write_study(tmp_path)
@@ -202,7 +200,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(failing_study):
     assert all(r["status"] == "ERROR" and "training failed" in r["error"] for r in failed)
     assert all(r["status"] in ("COMPLETED", "STOPPED_EARLY") and r["val_ndcg_at_10"] > 0 for r in ok)
 
-    best = load_config(study.study_dir / "best.yaml")
+    best = load(ExperimentConfig, study.study_dir / "best.yaml")
     best_row = max(ok, key=lambda r: r["val_ndcg_at_10"])
     assert summary["best_trial"] == best_row["trial_id"]
     assert best.model.combine == "sum"
@@ -244,7 +242,7 @@ def test_the_best_trials_model_is_the_registered_champion(failing_study):
     import pandas as pd
 
     from echomamba_dist.data.dataset import load_dataset
-    from echomamba_dist.inference import load_model, pad_histories, topk_items
+    from echomamba_dist.serve.load import load_model, pad_histories, topk_items
 
     tmp_path, study, summary = failing_study
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -350,7 +348,7 @@ def test_killed_study_resumes_with_the_same_command(tmp_path):
     assert set(_trial_states(study.study_dir)) == {r["trial_id"] for r in rows}
     for trial, stamp in stamps.items():  # a trial that had finished was not trained again
         assert (study.study_dir / TRIALS_DIR / f"trial-{trial}" / "metrics.json").stat().st_mtime == stamp
-    load_config(study.study_dir / "best.yaml")
+    load(ExperimentConfig, study.study_dir / "best.yaml")
 
     from mlflow.tracking import MlflowClient
 

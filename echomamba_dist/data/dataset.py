@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from echomamba_dist.config import DataConfig, SyntheticConfig
+from echomamba_dist.config import DataSettings, SyntheticConfig
 from echomamba_dist.data.prepare import FORMAT_VERSION, PrepareOptions, prepare_table
 from echomamba_dist.errors import DataError
 
@@ -125,7 +125,7 @@ def build_synthetic(cfg: SyntheticConfig) -> PreparedDataset:
     )
 
 
-def load_dataset(data_cfg: DataConfig) -> PreparedDataset:
+def load_dataset(data_cfg: DataSettings) -> PreparedDataset:
     """`load_prepared(data_cfg.path)` when a path is set, else `build_synthetic(data_cfg.synthetic)`."""
     if data_cfg.path:
         return load_prepared(Path(data_cfg.path).expanduser())

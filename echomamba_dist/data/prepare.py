@@ -12,7 +12,8 @@ Pipeline (the same pure functions from `transforms` in both execution paths):
 6. write sequences, the id mappings and meta.json to a temporary directory beside the target,
    then rename it into place.
 
-With `use_ray=True` steps 2-5 run on Ray Data: batches go to the object store (which spills to
+On Ray (`echomamba_dist.distributed.prepare.prepare_on_ray`, which hands `prepare` its own
+`transform`) steps 2-5 run on Ray Data: batches go to the object store (which spills to
 disk), step 3 is a hash shuffle on the user column followed by `map_batches`, and the global
 steps only gather vocabularies (one row per distinct item or user) on the driver, never the log.
 The text reader itself is a single sequential pass on the driver (it must be, to name lines in
@@ -22,14 +23,13 @@ remapped sequences (8 bytes an interaction) are gathered on the driver to be wri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,8 @@ def prepare(
     output_dir: str | os.PathLike,
     options: PrepareOptions | None = None,
     *,
-    use_ray: bool = True,
-    ray_address: str | None = None,
     overwrite: bool = False,
+    transform: Callable[[Iterator[pa.Table], PrepareOptions, Path], PreparedTables] | None = None,
     **option_overrides: Any,
 ) -> dict:
     """Prepare `input_path` into `output_dir` atomically and return its meta dict.
@@ -96,9 +95,8 @@ def prepare(
         output_dir: the directory to create; it must not exist or be empty unless `overwrite`.
         options: `PrepareOptions`; keyword overrides (fmt=, min_rating=, dedup=, k_core=) replace
             its fields.
-        use_ray: run the transforms on Ray Data (local Ray, or `ray_address` / RAY_ADDRESS; an
-            already initialised Ray is used as it is). False: the same functions in this process.
-        ray_address: Ray cluster address when Ray is not initialised yet.
+        transform: steps 2-5, from the validated batches of the file to the prepared tables;
+            None: `prepare_table` in this process (Ray Data's is `distributed.prepare`'s).
         overwrite: replace an existing non-empty output directory, only if it is a prepared
             dataset (`is_prepared_dataset`) that does not hold the input.
     Returns:
@@ -116,8 +114,8 @@ def prepare(
     check_prepare_output(out, src, overwrite=overwrite)  # before any work
 
     batches = _read_batches(src, fmt, options)
-    if use_ray:
-        tables = _prepare_ray(batches, options, source=src, ray_address=ray_address)
+    if transform is not None:
+        tables = transform(batches, options, src)
     else:
         tables = prepare_table(pa.concat_tables(list(batches)), options, source=src, numbered=True)
 
@@ -153,11 +151,11 @@ def prepare_table(
     """
     table = interactions if numbered else T.add_row_numbers(interactions, 0)
     if options.min_rating is not None and not T.has_ratings(table):
-        raise _no_ratings(source, options)
+        raise no_ratings_error(source, options)
     table = T.filter_min_rating(table, options.min_rating)
     sequences = T.k_core(T.group_sequences(table, dedup=options.dedup), options.k_core)
     if sequences.num_rows == 0:
-        raise _nothing_left(source, options)
+        raise nothing_left_error(source, options)
     items = T.merge_vocab([T.item_vocab(sequences)]).column("id").combine_chunks()
     users = T.merge_vocab([T.user_vocab(sequences)]).column("id").combine_chunks()
     indexed = T.remap_sequences(sequences, users=users, items=items).sort_by("user_idx")
@@ -250,115 +248,20 @@ def _read_batches(src: Path, fmt: str, options: PrepareOptions):
         yield T.add_row_numbers(batch, start)
         start += batch.num_rows
     if options.min_rating is not None and not seen_rating:
-        raise _no_ratings(src, options)
+        raise no_ratings_error(src, options)
 
 
-def _no_ratings(source, options: PrepareOptions) -> DataError:
+def no_ratings_error(source, options: PrepareOptions) -> DataError:
     return DataError(
         f"{source}: column 'rating': --min-rating {options.min_rating} needs ratings, the file has none"
     )
 
 
-def _nothing_left(source, options: PrepareOptions) -> DataError:
+def nothing_left_error(source, options: PrepareOptions) -> DataError:
     return DataError(
         f"{source}: no interactions left after filtering (min_rating={options.min_rating}, "
         f"dedup={options.dedup}, k_core={options.k_core}); expected at least one user to remain"
     )
-
-
-@contextlib.contextmanager
-def _ray_session(ray_address: str | None):
-    """Use the running Ray, or start one (and shut it down afterwards)."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        package_dir = Path(__file__).resolve().parents[1]
-        ray.init(
-            address=ray_address or os.environ.get("RAY_ADDRESS"),
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            # Workers import the transforms; ship the package when it is not installed.
-            runtime_env={"py_modules": [str(package_dir)]},
-        )
-        started = True
-    ctx = ray.data.DataContext.get_current()
-    quiet = {"enable_progress_bars": False, "print_on_execution_start": False}
-    saved = {k: getattr(ctx, k) for k in quiet}
-    data_logger = logging.getLogger("ray.data")
-    saved_level = data_logger.level
-    data_logger.setLevel(logging.WARNING)
-    for k, v in quiet.items():
-        setattr(ctx, k, v)
-    try:
-        yield ray
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-        data_logger.setLevel(saved_level)
-        if started:
-            ray.shutdown()
-
-
-def _prepare_ray(batches, options: PrepareOptions, *, source: Path, ray_address: str | None) -> PreparedTables:
-    """Steps 2-5 on Ray Data; only vocabularies come back to the driver before the final write."""
-    t0 = time.perf_counter()
-    with _ray_session(ray_address) as ray:
-        log.info("ray ready: %.1f s", time.perf_counter() - t0)
-        refs, n_rows = [], 0
-        for batch in batches:  # streams: the driver holds one batch at a time
-            refs.append(ray.put(batch))
-            n_rows += batch.num_rows
-        ds = ray.data.from_arrow_refs(refs)
-        if options.min_rating is not None:
-            ds = ds.map_batches(
-                T.filter_min_rating, fn_kwargs={"min_rating": options.min_rating}, batch_format="pyarrow"
-            )
-        n_parts = max(2, math.ceil(n_rows / 2_000_000))
-        # Hash-partition on user so that every block holds all interactions of its users; a whole
-        # block is one batch (batch_size=None), as in Ray's own map_groups.
-        ds = ds.repartition(n_parts, keys=["user"]).map_batches(
-            T.group_sequences, fn_kwargs={"dedup": options.dedup}, batch_format="pyarrow", batch_size=None
-        )
-        ds = ds.materialize()
-        log.info("read and grouped %d interactions: %.1f s", n_rows, time.perf_counter() - t0)
-
-        def vocab(dataset, fn) -> pa.Table:
-            parts = ray.get(dataset.map_batches(fn, batch_format="pyarrow").to_arrow_refs())
-            return T.merge_vocab([p for p in parts if p.num_rows])
-
-        items = vocab(ds, T.item_vocab)
-        if options.k_core > 1:
-            while True:
-                before = int(pc.sum(items.column("count")).as_py() or 0)
-                keep = T.k_core_items(items, options.k_core)
-                ds = ds.map_batches(
-                    T.filter_sequences,
-                    fn_kwargs={"keep_items": keep, "min_length": options.k_core},
-                    batch_format="pyarrow",
-                ).materialize()
-                items = vocab(ds, T.item_vocab)
-                log.info("k-core pass: %d -> %d interactions, %.1f s",
-                         before, int(pc.sum(items.column("count")).as_py() or 0), time.perf_counter() - t0)
-                if int(pc.sum(items.column("count")).as_py() or 0) == before:
-                    break
-        users = vocab(ds, T.user_vocab)
-        if users.num_rows == 0:
-            raise _nothing_left(source, options)
-        user_ids = users.column("id").combine_chunks()
-        item_ids = items.column("id").combine_chunks()
-        indexed = ds.map_batches(
-            T.remap_sequences, fn_kwargs={"users": user_ids, "items": item_ids}, batch_format="pyarrow"
-        )
-        # The output is one file written by the driver, so gather and order it here (no shuffle).
-        parts = [p for p in ray.get(indexed.to_arrow_refs()) if p.num_rows]
-        sequences = pa.concat_tables(parts).cast(T.INDEXED_SCHEMA).sort_by("user_idx")
-        log.info("remapped: %.1f s", time.perf_counter() - t0)
-        if sequences.num_rows != len(user_ids):
-            raise RuntimeError("internal error: a user appears in more than one block")
-        return PreparedTables(sequences, user_ids, item_ids)
 
 
 __all__ = [

@@ -210,17 +210,6 @@ def pad_right(sequences: list[np.ndarray] | list[list[int]], max_len: int) -> tu
     return _window(items, lengths, end, max_len)
 
 
-def pad_left(sequences: list[np.ndarray] | list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Like `pad_right`, but the padding comes first and the most recent item is in the last column."""
-    seq, seq_len = pad_right(sequences, max_len)
-    n = len(seq_len)
-    shift = (max_len - seq_len)[:, None]  # (n, 1)
-    cols = (np.arange(max_len)[None, :] - shift) % max_len  # source column of each output column
-    out = seq[np.arange(n)[:, None], cols]
-    out[np.arange(max_len)[None, :] < shift] = 0
-    return out, seq_len
-
-
 def _window(items: np.ndarray, available: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of items[end - L : end] with L = min(available, max_len), right-padded to max_len."""
     seq_len = np.minimum(np.asarray(available, dtype=np.int64), max_len)  # (n,)
@@ -239,7 +228,6 @@ __all__ = [
     "build_windows",
     "history_matrix",
     "leave_one_out",
-    "pad_left",
     "pad_right",
     "prefix_windows",
     "window_batch",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from echomamba_dist.config import ConfigError
+from echomamba_dist.errors import ConfigError
 
 # Rows of logits (rows x n_items) computed at once in the loss; beyond this the logits of each
 # chunk are recomputed in the backward pass instead of being kept (activation checkpointing).

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echomamba_dist.config import ConfigError
+from echomamba_dist.errors import ConfigError
 from echomamba_dist.models.base import (
     SequentialRecommender,
     TransformerConfig,

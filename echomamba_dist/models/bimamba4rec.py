@@ -27,7 +27,11 @@ from echomamba_dist.models.base import (
     init_weights,
     padding_mask,
 )
-from echomamba_dist.models.echomamba4rec import EchoMamba4RecConfig, EchoMambaLayer, read_out
+from echomamba_dist.models.echomamba4rec import (
+    EchoMamba4RecConfig,
+    EchoMambaLayer,
+    read_out,
+)
 
 
 @dataclass(kw_only=True)

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from echomamba_dist.config import ConfigError
+from echomamba_dist.errors import ConfigError
 from echomamba_dist.models.base import (
     NormedEmbeddingRecommender,
     check_dropout,
@@ -57,7 +57,12 @@ from echomamba_dist.models.base import (
     padding_mask,
     reverse_by_length,
 )
-from echomamba_dist.models.layers import FrequencyFilter, GatedLinearUnit, PointWiseFeedForward, ResidualGLU
+from echomamba_dist.models.layers import (
+    FrequencyFilter,
+    GatedLinearUnit,
+    PointWiseFeedForward,
+    ResidualGLU,
+)
 from echomamba_dist.models.mamba import mamba_from_config
 
 

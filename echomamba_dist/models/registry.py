@@ -11,7 +11,10 @@ from typing import Any
 from echomamba_dist.models.base import SequentialRecommender
 from echomamba_dist.models.bert4rec import BERT4Rec, BERT4RecConfig
 from echomamba_dist.models.bimamba4rec import BiMamba4Rec, BiMamba4RecConfig
-from echomamba_dist.models.bimambaformer4rec import BiMambaformer4Rec, BiMambaformer4RecConfig
+from echomamba_dist.models.bimambaformer4rec import (
+    BiMambaformer4Rec,
+    BiMambaformer4RecConfig,
+)
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
 from echomamba_dist.models.gru4rec import GRU4Rec, GRU4RecConfig
 from echomamba_dist.models.mamba4rec import Mamba4Rec, Mamba4RecConfig

@@ -25,7 +25,6 @@ from echomamba_dist.ops.selective_scan_cpu import (
     _run_items,
 )
 
-
 # Division in Numba's default error model checks for zero and raises, and that branch alone kept
 # the SiLU loops from vectorising (10x slower); "numpy" lets x / 0 be inf, as torch does.
 _OPTIONS = {"fastmath": _KERNEL_FASTMATH, "nogil": True, "error_model": "numpy"}

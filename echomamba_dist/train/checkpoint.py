@@ -278,7 +278,8 @@ def check_resume(ckpt: Checkpoint, cfg: Any, *, fingerprint: str, n_items: int) 
         CheckpointError: naming the checkpoint, the dataset or the differing keys with their old
             and new values, and how to go on (another run.name, or the old settings).
     """
-    from echomamba_dist.config import ConfigError, experiment_from_dict, to_dict
+    from echomamba_dist.config import experiment_from_dict, to_dict
+    from echomamba_dist.errors import ConfigError
 
     how = (f"start a new run with another run.name (e.g. --set run.name={cfg.run.name}-2), "
            "or resume with the checkpoint's settings")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from echomamba_dist.errors import NonFiniteScores
-from echomamba_dist.metrics import finalize_metrics, metric_sums, target_ranks
+from echomamba_dist.train.metrics import finalize_metrics, metric_sums, target_ranks
 
 
 @dataclass(frozen=True)

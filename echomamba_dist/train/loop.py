@@ -2,7 +2,7 @@
 
 Called directly it trains in this process (world size 1, checkpoints in `run.storage_path/name`).
 Ray Train runs the very same function on each worker with a `RaySession`
-(`echomamba_dist.ray_train`), which is the only place the loop meets Ray: rank and world size,
+(`echomamba_dist.distributed.trainer`), which is the only place the loop meets Ray: rank and world size,
 the training data shard, model preparation (DDP), the metric all-reduce, and checkpoint reports.
 """
 
@@ -14,237 +14,32 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from echomamba_dist import __version__
-from echomamba_dist.config import ConfigError, ExperimentConfig, experiment_from_dict, to_dict
-from echomamba_dist.data.splits import Windows, window_batch
+from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict
 from echomamba_dist.errors import CheckpointError, TrainingDiverged
 from echomamba_dist.io import write_json_atomic
+from echomamba_dist.models.registry import build_model
+from echomamba_dist.train.batches import TrainingData, build_training_data
 from echomamba_dist.train.checkpoint import (
     check_resume,
-    latest_checkpoint,
     newest_intact,
-    prune_checkpoints,
-    run_checkpoints,
     write_checkpoint,
 )
-from echomamba_dist.train.evaluate import EvalSet, evaluate_model, popularity_metrics
+from echomamba_dist.train.evaluate import evaluate_model, popularity_metrics
 from echomamba_dist.train.runlock import RunLock
-from echomamba_dist.train.tracking import metric_key
+from echomamba_dist.train.session import LocalSession, WorkerSession
+from echomamba_dist.train.tracking import Tracker, metric_key
 
 METRICS_FILE = "metrics.json"
 FAULT_MARKER = ".fault_injected"
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: leave-one-out split -> training samples and evaluation sets
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """Everything the loop needs from a prepared dataset, as NumPy arrays."""
-
-    n_items: int
-    samples: Windows | None  # the training samples as windows into train_items (None: not built)
-    valid: EvalSet
-    test: EvalSet
-    train_items: np.ndarray  # all training-part items (for the popularity baseline)
-    fingerprint: str
-    item_ids: np.ndarray  # original item ids by index (index 0: padding)
-
-
-def build_training_data(cfg: ExperimentConfig, sample_mode: str, *, with_samples: bool = True) -> TrainingData:
-    """Load the dataset of `cfg.data`, split it leave-one-out and build the training windows for
-    `sample_mode` (`with_samples=False`: `samples` is None; Ray workers get theirs from Ray Data).
-
-    Raises:
-        ValueError: an unknown `sample_mode`.
-    """
-    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
-    from echomamba_dist.data.splits import build_windows, history_matrix, leave_one_out
-
-    if sample_mode not in ("prefix", "all_positions"):
-        raise ValueError(f"unknown sample mode {sample_mode!r}")
-    ds = load_dataset(cfg.data)
-    loo = leave_one_out(ds.offsets, ds.items)
-    max_len = cfg.data.max_len
-    windows = build_windows(loo.train_offsets, loo.train_items, sample_mode) if with_samples else None
-    v_seq, v_len = history_matrix(ds.offsets, ds.items, loo.valid_users, cut=2, max_len=max_len)
-    t_seq, t_len = history_matrix(ds.offsets, ds.items, loo.test_users, cut=1, max_len=max_len)
-    return TrainingData(
-        n_items=ds.n_items,
-        samples=windows,
-        valid=EvalSet(v_seq, v_len, loo.valid_target, loo.valid_users),
-        test=EvalSet(t_seq, t_len, loo.test_target, loo.test_users),
-        train_items=loo.train_items,
-        fingerprint=dataset_fingerprint(ds),
-        item_ids=ds.item_ids,
-    )
-
-
-class BatchSource:
-    """Shuffled training batches, deterministic in (seed, epoch), split exactly across ranks.
-
-    Each global batch of `global_batch` samples is cut into `world_size` contiguous slices, and
-    rank r takes slice r: one worker on a whole batch and two on its halves see the same samples.
-    With `bucketing`, each batch is trimmed to its longest sequence (models are
-    padding-independent, so this changes speed, not results) and batches are formed from
-    length-sorted windows of `bucket_window` batches, so that lengths inside a batch are close.
-    The samples stay `Windows` into the training items; each batch's rows are cut out when it is
-    built (`window_batch`), so memory follows the log, not samples x max_len.
-    """
-
-    def __init__(
-        self,
-        windows: Windows,
-        *,
-        max_len: int,
-        global_batch: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        bucketing: bool = False,
-        bucket_window: int = 16,
-        max_steps: int | None = None,
-    ) -> None:
-        self.windows = windows
-        self.max_len = max_len
-        self.n = len(windows)
-        self.global_batch = global_batch
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.bucketing = bucketing
-        self.bucket_window = bucket_window
-        self.max_steps = max_steps
-
-    def lengths(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """int64: the input length of samples `idx` (all by default), cut to max_len."""
-        return np.minimum(self.windows.lengths(idx), self.max_len)
-
-    def steps_per_epoch(self) -> int:
-        steps = math.ceil(self.n / self.global_batch)
-        return min(steps, self.max_steps) if self.max_steps else steps
-
-    def batch_indices(self, epoch: int) -> list[np.ndarray]:
-        """The global batches of `epoch` as index arrays (the same on every rank)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        if self.bucketing:
-            window = self.global_batch * self.bucket_window
-            for start in range(0, self.n, window):
-                chunk = order[start : start + window]
-                order[start : start + window] = chunk[np.argsort(self.lengths(chunk), kind="stable")]
-        batches = [order[i : i + self.global_batch] for i in range(0, self.n, self.global_batch)]
-        if self.bucketing:  # sorted windows would otherwise visit short batches first
-            perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
-            batches = [batches[i] for i in perm]
-        return batches[: self.steps_per_epoch()]
-
-    def epoch(self, epoch: int, *, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-        for idx in self.batch_indices(epoch):
-            if len(idx) < self.world_size:
-                continue  # a last batch too small to give every rank a sample
-            part = np.array_split(idx, self.world_size)[self.rank]
-            yield self.to_batch(part, device=device)
-
-    def to_batch(self, idx: np.ndarray, *, device: torch.device) -> dict[str, torch.Tensor]:
-        """Samples `idx` as a batch of tensors on `device`: max_len wide, or (bucketing) as wide
-        as their longest input."""
-        item_seq, seq_len, target = window_batch(self.windows, idx, max_len=self.max_len, trim=self.bucketing)
-        batch = {"item_seq": item_seq, "seq_len": seq_len, "target": target}
-        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the loop runs: one process, or a Ray Train worker
-
-
-class WorkerSession(Protocol):
-    """What the loop needs from its surroundings. `LocalSession` here, `RaySession` on Ray."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    local_samples: bool  # the loop builds the training samples (False: batch_source brings its own)
-
-    def prepare_model(self, module: nn.Module) -> nn.Module: ...
-
-    def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]: ...
-
-    def restore_dir(self) -> Any: ...  # a context manager yielding checkpoint dirs, newest first ([]: afresh)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None: ...
-
-    def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu.
-
-    Raises:
-        ConfigError: `cuda` on a machine without a CUDA device.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda, but no CUDA device is available here; use train.device=auto or cpu")
-    return torch.device(name)
-
-
-class LocalSession:
-    """One process, world size 1; checkpoints live in `run_dir/epoch_*`."""
-
-    rank = 0
-    world_size = 1
-    local_samples = True
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
-        self.run_dir = cfg.run.run_dir
-
-    def prepare_model(self, module: nn.Module) -> nn.Module:
-        return module
-
-    def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
-        return sums
-
-    def restore_dir(self):
-        return nullcontext(run_checkpoints(self.run_dir) if self.cfg.run.resume else [])
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None:
-        if checkpoint_dir is None:
-            return
-        import shutil
-
-        target = self.run_dir / f"epoch_{epoch:06d}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:  # copy beside the target (another filesystem, maybe), then rename: atomic
-            shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
-        prune_checkpoints(self.run_dir, keep_best=self.cfg.run.keep_checkpoints)
-
-    def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource:
-        return BatchSource(samples, rank=self.rank, world_size=self.world_size, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
 
 
 class LossModule(nn.Module):
@@ -322,200 +117,202 @@ def train_per_worker(config: dict[str, Any], *, session: WorkerSession | None = 
         session = LocalSession(cfg)  # refuses train.device=cuda without a GPU before any data is read
         with RunLock(cfg.run.run_dir):
             return _train(cfg, session)
-    return _train(cfg, session)  # on Ray the driver holds the run (`ray_train.fit`)
+    return _train(cfg, session)  # on Ray the driver holds the run (`distributed.trainer.fit`)
 
 
 def _train(cfg: ExperimentConfig, session: WorkerSession) -> dict[str, Any]:
-    """`train_per_worker` in `session`."""
-    from echomamba_dist.models.registry import build_model
-
-    device = session.device
-    is_main = session.rank == 0
+    """`train_per_worker` in `session`: set up, run the epochs, test the best weights."""
+    device, is_main = session.device, session.rank == 0
     seed_everything(cfg.train.seed)
-
     data = build_training_data(cfg, cfg.sample_mode, with_samples=session.local_samples)
     seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
-    model = build_model(cfg.model, n_items=data.n_items).to(device)  # data.max_len <= model.max_len: ExperimentConfig.check
+    model = build_model(cfg.model, n_items=data.n_items).to(device)
     optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
-    state = TrainState()
-    best_model_state: dict[str, torch.Tensor] | None = None
-
-    with session.restore_dir() as candidates:
-        # the newest checkpoint that reads whole (a corrupt one is skipped with a warning), of
-        # this dataset and config (`check_resume`, or the run would mix two experiments)
-        ckpt = newest_intact(candidates, map_location=device, warn=is_main)
-        if ckpt is not None:
-            check_resume(ckpt, cfg, fingerprint=data.fingerprint, n_items=data.n_items)
-            try:
-                model.load_state_dict(ckpt.state["model"])
-                optimizer.load_state_dict(ckpt.state["optimizer"])
-                state = TrainState(**{k: ckpt.meta[k] for k in TrainState.__dataclass_fields__})
-                torch.set_rng_state(ckpt.state["rng"]["torch"].cpu())
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise CheckpointError(f"{ckpt.directory}: cannot resume from it: {type(exc).__name__} {why}") from None
-            best_model_state = ckpt.state.get("best_model")
-            if is_main:
-                print(f"resumed from {ckpt.directory} (next epoch {state.epoch}, step {state.step})", flush=True)
+    state, best_weights = _restore(cfg, session, model, optimizer, data)
 
     loss_module: nn.Module = LossModule(model)
     if cfg.train.compile:
         loss_module = torch.compile(loss_module)
     train_module = session.prepare_model(loss_module)
     source = session.batch_source(
-        data.samples,
-        max_len=cfg.data.max_len,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        bucketing=cfg.data.bucketing,
-        max_steps=cfg.train.max_steps_per_epoch,
+        data.samples, max_len=cfg.data.max_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+        bucketing=cfg.data.bucketing, max_steps=cfg.train.max_steps_per_epoch,
     )
-    autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
     show_progress = is_main and cfg.train.progress and sys.stdout.isatty()
-    config_dict = to_dict(cfg)
+    tracker = Tracker(cfg.tracking, run_dir=cfg.run.run_dir, run_name=cfg.run.name, enabled=is_main)
+    tracker.log_config(to_dict(cfg), tags={"dataset.fingerprint": data.fingerprint, "model": cfg.model_name})
 
-    tracker = None
-    if is_main:
-        from echomamba_dist.train.tracking import Tracker  # imports mlflow: rank 0 only
-
-        tracker = Tracker(cfg.tracking, run_dir=cfg.run.run_dir, run_name=cfg.run.name)
-        tracker.log_config(config_dict, tags={"dataset.fingerprint": data.fingerprint, "model": cfg.model_name})
-
-    train_seconds = 0.0
-    samples_seen = 0
-    status = "FAILED"
+    status, train_seconds, samples_seen = "FAILED", 0.0, 0.0
     try:
         epochs = range(state.epoch, cfg.train.epochs)
         for epoch in _progress(epochs, total=len(epochs), desc="epochs", enabled=show_progress):
             if state.bad_epochs >= cfg.train.patience > 0:
                 break
-            model.train()
             # dropout depends only on (seed, epoch, rank), so a run resumed on any rank draws
             # what the uninterrupted run drew (only rank 0's RNG state is in the checkpoint)
             torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, epoch, session.rank]).generate_state(1)[0]))
-            t0 = time.perf_counter()
-            loss_sum, loss_count, epoch_samples = 0.0, 0, 0
-            batches = source.epoch(epoch, device=device)
-            for batch in _progress(batches, total=source.steps_per_epoch(), desc=f"epoch {epoch}", enabled=show_progress):
-                _inject_fault(cfg, session, state.step)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    loss = train_module(batch)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):  # stop before the step spreads it to the weights
-                    raise _diverged(cfg, f"the training loss is {loss_value}", epoch=epoch, step=state.step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                state.step += 1
-                loss_sum += loss_value
-                loss_count += 1
-                epoch_samples += int(batch["seq_len"].shape[0])
-            epoch_seconds = time.perf_counter() - t0
-            train_seconds += epoch_seconds
-
-            valid = evaluate_model(
-                model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device,
-                rank=session.rank, world_size=session.world_size, all_reduce=session.all_reduce_sums,
-                exclude_history=cfg.train.exclude_history, autocast_dtype=autocast_dtype, allow_nonfinite=True,
-            )
-            nonfinite = valid.pop("nonfinite_users")  # the same count on every rank: all stop here
-            if nonfinite:
-                raise _diverged(cfg, f"the validation scores of {int(nonfinite)} of {int(valid['count'])} users are "
-                                     f"NaN or infinite", epoch=epoch, step=state.step)
+            batches = _progress(source.epoch(epoch, device=device), total=source.steps_per_epoch(),
+                                desc=f"epoch {epoch}", enabled=show_progress)
+            loss, samples, seconds = _train_epoch(cfg, session, train_module, model, optimizer, batches, state,
+                                                  epoch=epoch, autocast=autocast)
+            train_seconds += seconds
+            valid = _validate(cfg, session, model, data, epoch=epoch, step=state.step, autocast=autocast)
             score = valid[cfg.train.metric]
             improved = score > state.best_metric
             if improved:
                 state.best_metric, state.best_epoch, state.bad_epochs = score, epoch, 0
-                best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state.bad_epochs += 1
             state.epoch = epoch + 1
-            global_samples = session.all_reduce_sums({"n": float(epoch_samples)})["n"]
+            global_samples = session.all_reduce_sums({"n": float(samples)})["n"]
             samples_seen += global_samples
-            record = {
-                "epoch": epoch,
-                "loss": loss_sum / max(loss_count, 1),
-                "epoch_seconds": epoch_seconds,
-                "samples_per_second": global_samples / max(epoch_seconds, 1e-9),
-                **{f"val_{k}": v for k, v in valid.items() if k != "count"},
-            }
+            record = {"epoch": epoch, "loss": loss, "epoch_seconds": seconds,
+                      "samples_per_second": global_samples / max(seconds, 1e-9),
+                      **{f"val_{k}": v for k, v in valid.items() if k != "count"}}
             state.history.append(record)
             if is_main:
                 tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-                print(
-                    f"epoch {epoch:3d}  loss {record['loss']:.4f}  val {cfg.train.metric} {score:.4f}"
-                    f"{' *' if improved else '  '}  {epoch_seconds:6.1f}s  {record['samples_per_second']:,.0f} samples/s",
-                    flush=True,
-                )
-            ckpt_tmp = None
-            if is_main:
-                ckpt_tmp = Path(tempfile.mkdtemp(prefix="echomamba-ckpt-"))
-                write_checkpoint(
-                    ckpt_tmp / "ckpt",
-                    model_state=model.state_dict(),
-                    optimizer_state=optimizer.state_dict(),
-                    meta={
-                        **{k: getattr(state, k) for k in TrainState.__dataclass_fields__},
-                        "val_metric": score,
-                        "metric": cfg.train.metric,
-                        "model": cfg.model_name,
-                        "n_items": data.n_items,
-                        "dataset_fingerprint": data.fingerprint,
-                        "version": __version__,
-                    },
-                    config=config_dict,
-                    # the best weights so far travel with the latest ones, so that the final
-                    # test (also of a resumed run) always uses the best model
-                    extra_state={"best_model": best_model_state},
-                )
-            session.report(
-                {metric_key(k): v for k, v in record.items()},
-                ckpt_tmp / "ckpt" if ckpt_tmp else None,
-                epoch=epoch,
-            )
+                print(f"epoch {epoch:3d}  loss {loss:.4f}  val {cfg.train.metric} {score:.4f}"
+                      f"{' *' if improved else '  '}  {seconds:6.1f}s  {record['samples_per_second']:,.0f} samples/s",
+                      flush=True)
+            ckpt = _write_epoch_checkpoint(cfg, model, optimizer, state, data, best_weights, score) if is_main else None
+            session.report({metric_key(k): v for k, v in record.items()}, ckpt, epoch=epoch)
 
-        if best_model_state is not None:
-            model.load_state_dict(best_model_state)
-        test = {"count": 0.0}
-        if cfg.train.final_test:
-            test = evaluate_model(
-                model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device,
-                rank=session.rank, world_size=session.world_size, all_reduce=session.all_reduce_sums,
-                exclude_history=cfg.train.exclude_history, autocast_dtype=autocast_dtype,
-            )
-        best_valid = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
-        result = {
-            "model": cfg.model_name,
-            "run": cfg.run.name,
-            "best_epoch": state.best_epoch,
-            "epochs_run": state.epoch,
-            "steps": state.step,
-            "valid": {k[4:]: v for k, v in (best_valid or {}).items() if k.startswith("val_")},
-            "test": {k: v for k, v in test.items() if k != "count"},
-            "test_users": int(test["count"]),
-            "popularity": popularity_metrics(data.train_items, data.n_items, data.test, ks=cfg.train.ks),
-            "train_seconds_this_session": train_seconds,
-            "samples_per_second": samples_seen / train_seconds if train_seconds else None,
-            "dataset_fingerprint": data.fingerprint,
-        }
+        result = _finish(cfg, session, model, data, state, best_weights, autocast=autocast,
+                         train_seconds=train_seconds, samples_seen=samples_seen)
         if is_main:
             write_json_atomic(cfg.run.run_dir / METRICS_FILE, result)
-            best_dir = latest_checkpoint(cfg.run.run_dir)
-            tracker.log_final(
-                {**{f"test_{k}": v for k, v in result["test"].items()}, "best_epoch": state.best_epoch,
-                 "epochs_run": state.epoch},
-                checkpoint_dir=best_dir,
-                item_ids=[str(x) for x in data.item_ids],
-            )
-        session.report(
-            {"epoch": state.epoch, "done": True, **{metric_key(f"test_{k}"): v for k, v in result["test"].items()}},
-            None,
-            epoch=state.epoch,
-        )
+            tracker.log_final({**{f"test_{k}": v for k, v in result["test"].items()},
+                               "best_epoch": state.best_epoch, "epochs_run": state.epoch})
+        session.report({"epoch": state.epoch, "done": True,
+                        **{metric_key(f"test_{k}"): v for k, v in result["test"].items()}}, None, epoch=state.epoch)
         status = "FINISHED"
         return result
     finally:
-        if tracker is not None:
-            tracker.end(status=status)
+        tracker.end(status=status)
+
+
+def _restore(cfg: ExperimentConfig, session: WorkerSession, model: nn.Module, optimizer, data: TrainingData):
+    """Resume from the newest checkpoint that reads whole (a corrupt one is skipped with a
+    warning), of this dataset and config (`check_resume`: a run never mixes two experiments).
+
+    Returns:
+        (TrainState, best weights so far or None); a fresh state when there is nothing to resume.
+    """
+    is_main = session.rank == 0
+    with session.restore_dir() as candidates:
+        ckpt = newest_intact(candidates, map_location=session.device, warn=is_main)
+        if ckpt is None:
+            return TrainState(), None
+        check_resume(ckpt, cfg, fingerprint=data.fingerprint, n_items=data.n_items)
+        try:
+            model.load_state_dict(ckpt.state["model"])
+            optimizer.load_state_dict(ckpt.state["optimizer"])
+            state = TrainState(**{k: ckpt.meta[k] for k in TrainState.__dataclass_fields__})
+            torch.set_rng_state(ckpt.state["rng"]["torch"].cpu())
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{ckpt.directory}: cannot resume from it: {type(exc).__name__} {why}") from None
+        if is_main:
+            print(f"resumed from {ckpt.directory} (next epoch {state.epoch}, step {state.step})", flush=True)
+        return state, ckpt.state.get("best_model")
+
+
+def _train_epoch(cfg, session, train_module, model, optimizer, batches, state: TrainState, *, epoch: int,
+                 autocast) -> tuple[float, int, float]:
+    """One epoch of optimizer steps. Returns (mean loss, samples on this rank, seconds).
+
+    Raises:
+        TrainingDiverged: a non-finite loss, before its step reaches the weights.
+    """
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum, steps, samples = 0.0, 0, 0
+    device = session.device
+    for batch in batches:
+        _inject_fault(cfg, session, state.step)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = train_module(batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise _diverged(cfg, f"the training loss is {value}", epoch=epoch, step=state.step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        state.step += 1
+        loss_sum, steps, samples = loss_sum + value, steps + 1, samples + int(batch["seq_len"].shape[0])
+    return loss_sum / max(steps, 1), samples, time.perf_counter() - t0
+
+
+def _validate(cfg, session, model, data: TrainingData, *, epoch: int, step: int, autocast) -> dict[str, float]:
+    """Validation metrics of every user (summed over ranks).
+
+    Raises:
+        TrainingDiverged: some user's scores are NaN or infinite (the same count on every rank).
+    """
+    valid = evaluate_model(
+        model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=session.device,
+        rank=session.rank, world_size=session.world_size, all_reduce=session.all_reduce_sums,
+        exclude_history=cfg.train.exclude_history, autocast_dtype=autocast, allow_nonfinite=True,
+    )
+    nonfinite = valid.pop("nonfinite_users")
+    if nonfinite:
+        raise _diverged(cfg, f"the validation scores of {int(nonfinite)} of {int(valid['count'])} users are "
+                             f"NaN or infinite", epoch=epoch, step=step)
+    return valid
+
+
+def _write_epoch_checkpoint(cfg, model, optimizer, state: TrainState, data: TrainingData, best_weights,
+                            score: float) -> Path:
+    """This epoch's checkpoint in a temporary directory, for the session to file (rank 0).
+
+    The best weights so far travel with the latest ones, so that the final test (also of a
+    resumed run) always uses the best model.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="echomamba-ckpt-")) / "ckpt"
+    write_checkpoint(
+        directory,
+        model_state=model.state_dict(),
+        optimizer_state=optimizer.state_dict(),
+        meta={
+            **{k: getattr(state, k) for k in TrainState.__dataclass_fields__},
+            "val_metric": score, "metric": cfg.train.metric, "model": cfg.model_name, "n_items": data.n_items,
+            "dataset_fingerprint": data.fingerprint, "version": __version__,
+        },
+        config=to_dict(cfg),
+        extra_state={"best_model": best_weights},
+    )
+    return directory
+
+
+def _finish(cfg, session, model, data: TrainingData, state: TrainState, best_weights, *, autocast,
+            train_seconds: float, samples_seen: float) -> dict[str, Any]:
+    """Test the best weights once (`train.final_test`) and gather the run's result."""
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    test = {"count": 0.0}
+    if cfg.train.final_test:
+        test = evaluate_model(
+            model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=session.device,
+            rank=session.rank, world_size=session.world_size, all_reduce=session.all_reduce_sums,
+            exclude_history=cfg.train.exclude_history, autocast_dtype=autocast,
+        )
+    best_valid = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+    return {
+        "model": cfg.model_name,
+        "run": cfg.run.name,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "steps": state.step,
+        "valid": {k[4:]: v for k, v in (best_valid or {}).items() if k.startswith("val_")},
+        "test": {k: v for k, v in test.items() if k != "count"},
+        "test_users": int(test["count"]),
+        "popularity": popularity_metrics(data.train_items, data.n_items, data.test, ks=cfg.train.ks),
+        "train_seconds_this_session": train_seconds,
+        "samples_per_second": samples_seen / train_seconds if train_seconds else None,
+        "dataset_fingerprint": data.fingerprint,
+    }

@@ -2,9 +2,10 @@
 
 Embedded default: a SQLite store `./mlflow.db` with artifacts in `./mlartifacts` (`mlflow ui`
 started there shows it); `MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) points it at a
-server. A resumed run continues the same MLflow run: its id is kept in the run directory. At the
-end, the best model is logged as a pyfunc model and registered in the Model Registry under the
-run name (`tracking.registered_model`), where `mlflow models serve` finds it.
+server. A resumed run continues the same MLflow run: its id is kept in the run directory
+(`RUN_ID_FILE`). This is the only module of the core (ops, models, data, train) that imports
+MLflow, and only when tracking is on. Logging and registering the best model as a pyfunc model is
+the serving layer's (`echomamba_dist.serve.pyfunc.publish_run`), once training has ended.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from echomamba_dist import __version__
 from echomamba_dist.config import TrackingConfig, flatten
+from echomamba_dist.io import write_text_atomic
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -84,10 +84,6 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, *, run_dir: Path, run_name: str, enabled: bool = True) -> None:
         self.enabled = cfg.enabled and enabled
-        self.log_model = cfg.log_model
-        self.registered_model = (cfg.registered_model or run_name) if cfg.register else None
-        self.model_alias = cfg.model_alias
-        self.registered = None  # the RegisteredVersion that log_final made
         self.run_id: str | None = None
         self._mlflow = None
         if not self.enabled:
@@ -98,19 +94,15 @@ class Tracker:
         experiment = use_experiment(cfg)
         id_file = run_dir / RUN_ID_FILE
         previous = id_file.read_text().strip() if id_file.is_file() else None
-        parent = os.environ.get("ECHOMAMBA_PARENT_RUN_ID")
-        tags = {"mlflow.parentRunId": parent} if parent else None
         if previous:
             try:
                 mlflow.start_run(run_id=previous)
             except Exception:  # the run was deleted, or the store moved: start afresh
                 previous = None
         if not previous:
-            mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=tags)
+            mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id)
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-            tmp.write_text(mlflow.active_run().info.run_id)
-            os.replace(tmp, id_file)
+            write_text_atomic(id_file, mlflow.active_run().info.run_id)
         self.run_id = mlflow.active_run().info.run_id
 
     def log_config(self, config: dict[str, Any], *, tags: dict[str, str]) -> None:
@@ -135,48 +127,20 @@ class Tracker:
             clean = {metric_key(k): float(v) for k, v in metrics.items()}
             self._mlflow.log_metrics(clean, step=step)
 
-    def log_final(self, metrics: dict[str, Any], *, checkpoint_dir: Path | None, item_ids: list[str] | None = None) -> None:
-        """Final metrics, metrics.json, the best checkpoint, and (optionally) the pyfunc model,
-        registered as a new version of `tracking.registered_model` (default: the run name).
+    def log_final(self, metrics: dict[str, Any]) -> None:
+        """The final metrics (step = the best epoch) and metrics.json as an artifact.
 
-        When the store refuses the registration (a server without a Model Registry, no
-        permission), the logged model stays in the run (`runs:/<run id>/model` loads it) and one
-        line says why; the finished run does not fail for it.
+        The best model is logged and registered afterwards by whoever ran the training
+        (`echomamba_dist.serve.pyfunc.publish_run`), from the run's best checkpoint.
         """
         if not self.enabled:
             return
-        mlflow = self._mlflow
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.log_metrics(numeric, step=int(metrics.get("best_epoch", 0)))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "metrics.json"
             path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            mlflow.log_artifact(str(path))
-        if checkpoint_dir is not None:
-            mlflow.log_artifacts(str(checkpoint_dir), artifact_path="best_checkpoint")
-            if self.log_model and item_ids is not None:
-                self.registered = self._log_model(checkpoint_dir, item_ids)
-
-    def _log_model(self, checkpoint_dir: Path, item_ids: list[str]):
-        from mlflow.exceptions import MlflowException
-
-        from echomamba_dist.mlflow_model import log_model, register
-
-        info = log_model(checkpoint_dir, item_ids)
-        if self.registered_model is None:
-            return None
-        run_name = self._mlflow.get_run(self.run_id).info.run_name or ""
-        try:
-            registered = register(info.model_uri, self.registered_model, alias=self.model_alias,
-                                  tags={"echomamba.run": run_name, "echomamba.version": __version__})
-        except MlflowException as exc:  # the run's model is logged: say why, do not fail the run
-            print(f"MLflow: the model was logged (runs:/{self.run_id}/model) but not registered as "
-                  f"{self.registered_model!r}: {exc.message.splitlines()[0]}", file=sys.stderr, flush=True)
-            return None
-        print(f"MLflow: registered model {registered.name!r} version {registered.version} "
-              f"(models:/{registered.name}/{registered.version}"
-              f"{f', {registered.uri}' if registered.alias else ''})", flush=True)
-        return registered
+            self._mlflow.log_artifact(str(path))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:

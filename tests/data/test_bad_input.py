@@ -72,7 +72,7 @@ def test_bad_input(tmp_path, capsys, name, content, kwargs, pattern):
     out = tmp_path / "out" / "prepared"
 
     with pytest.raises(DataError) as info:
-        prepare(path, out, use_ray=False, **kwargs)
+        prepare(path, out, **kwargs)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: "), message  # names the file first
@@ -98,16 +98,16 @@ def test_existing_output_directory_is_kept(tmp_path, write):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match=r"out: output directory exists and is not empty"):
-        prepare(src, out, use_ray=False)
+        prepare(src, out)
     assert (out / "keep.txt").read_text() == "mine"
     # --overwrite replaces only a prepared dataset, never a directory with other files (issue 14)
     with pytest.raises(DataError, match=r"out: not a prepared dataset this project wrote"):
-        prepare(src, out, use_ray=False, overwrite=True)
+        prepare(src, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     (out / "keep.txt").unlink()
-    prepare(src, out, use_ray=False)  # an empty directory is filled
+    prepare(src, out)  # an empty directory is filled
     first = (out / "meta.json").read_bytes()
-    prepare(src, out, use_ray=False, overwrite=True, k_core=0)  # a prepared dataset is replaced
+    prepare(src, out, overwrite=True, k_core=0)  # a prepared dataset is replaced
     assert sorted(p.name for p in out.iterdir()) == ["items.parquet", "meta.json", "sequences.parquet", "users.parquet"]
     assert (out / "meta.json").read_bytes() != first  # k_core=0 recorded
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -115,6 +115,6 @@ def test_existing_output_directory_is_kept(tmp_path, write):
 
 def test_bad_options():
     with pytest.raises(DataError, match="--format: expected one of"):
-        prepare("x.csv", "out", use_ray=False, fmt="xlsx")
+        prepare("x.csv", "out", fmt="xlsx")
     with pytest.raises(DataError, match="--k-core: expected a non-negative integer"):
-        prepare("x.csv", "out", use_ray=False, k_core=-1)
+        prepare("x.csv", "out", k_core=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from echomamba_dist.config import DataConfig, SyntheticConfig
+from echomamba_dist.config import DataSettings, SyntheticConfig
 from echomamba_dist.data.dataset import build_synthetic, dataset_fingerprint, load_dataset
 from echomamba_dist.data.prepare import prepare
 from echomamba_dist.data.synthetic import generate_synthetic
@@ -30,14 +30,14 @@ def test_fingerprint_is_stable_and_sensitive():
 
 
 def test_load_dataset_path_or_synthetic(tmp_path):
-    synth = load_dataset(DataConfig(synthetic=SMALL))
+    synth = load_dataset(DataSettings(synthetic=SMALL))
     assert dataset_fingerprint(synth) == dataset_fingerprint(build_synthetic(SMALL))
     table = generate_synthetic(SMALL)
     import pyarrow.parquet as pq
 
     pq.write_table(table, tmp_path / "synth.parquet")
-    prepare(tmp_path / "synth.parquet", tmp_path / "prepared", use_ray=False, dedup=False, k_core=0)
-    loaded = load_dataset(DataConfig(path=str(tmp_path / "prepared")))
+    prepare(tmp_path / "synth.parquet", tmp_path / "prepared", dedup=False, k_core=0)
+    loaded = load_dataset(DataSettings(path=str(tmp_path / "prepared")))
     # the file path and the in-memory path run the same transforms
     assert dataset_fingerprint(loaded) == dataset_fingerprint(synth)
     assert loaded.item_ids.tolist() == synth.item_ids.tolist()

@@ -18,7 +18,7 @@ FILES = ("sequences.parquet", "items.parquet", "users.parquet", "meta.json")
 
 def test_amazon_beauty_statistics_are_exact(tmp_path):
     src = shared_file("amazon-beauty.txt")
-    meta = prepare(src, tmp_path / "beauty", use_ray=False)
+    meta = prepare(src, tmp_path / "beauty")
     assert (meta["n_users"], meta["n_items"], meta["n_interactions"]) == (22363, 12101, 198502)
     text = format_stats(meta)
     assert "22,363" in text and "12,101" in text and "198,502" in text
@@ -32,14 +32,14 @@ def test_amazon_beauty_statistics_are_exact(tmp_path):
 
 def test_ml100k_five_core_statistics_are_exact(tmp_path):
     src = shared_file("ml-100k.inter")
-    meta = prepare(src, tmp_path / "ml", use_ray=False)
+    meta = prepare(src, tmp_path / "ml")
     assert (meta["n_users"], meta["n_items"], meta["n_interactions"]) == (943, 1349, 99287)
     assert meta["avg_length"] == round(99287 / 943, 4)
     assert meta["options"] == {"fmt": "atomic", "min_rating": None, "dedup": True, "k_core": 5}
     assert meta["source"]["sha256"] == file_sha256(src) and meta["format_version"] == 1
-    unfiltered = prepare(src, tmp_path / "ml0", use_ray=False, k_core=0)
+    unfiltered = prepare(src, tmp_path / "ml0", k_core=0)
     assert (unfiltered["n_users"], unfiltered["n_items"], unfiltered["n_interactions"]) == (943, 1682, 100000)
-    rated = prepare(src, tmp_path / "ml4", PrepareOptions(min_rating=4, k_core=0), use_ray=False)
+    rated = prepare(src, tmp_path / "ml4", PrepareOptions(min_rating=4, k_core=0))
     assert rated["n_interactions"] == 55375  # ratings 4 and 5 in MovieLens-100K
 
 
@@ -47,7 +47,7 @@ def test_output_layout_and_round_trip(tmp_path, write):
     src = write("log.csv", "user,item,timestamp,rating\n"
                 "bob,x,5,1\nann,y,1,5\nbob,y,5,2\nann,x,2,4\nbob,x,9,3\nann,z,2,5\n")
     out = tmp_path / "out"
-    meta = prepare(src, out, use_ray=False, k_core=0)
+    meta = prepare(src, out, k_core=0)
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     assert json.loads((out / "meta.json").read_text()) == meta
     seq = pq.read_table(out / "sequences.parquet")
@@ -64,7 +64,7 @@ def test_load_prepared_rejects_other_versions_and_missing_files(tmp_path, write)
 
     src = write("s.txt", "1 1 2 3\n2 2 3 4\n")
     out = tmp_path / "out"
-    prepare(src, out, use_ray=False, k_core=0)
+    prepare(src, out, k_core=0)
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(DataError, match=r"meta.json: format_version: expected 1, got 99"):
@@ -99,8 +99,10 @@ def test_ray_and_in_process_paths_write_identical_output(tmp_path):
     src = tmp_path / "messy.csv"
     _messy_log(src)
     options = PrepareOptions(min_rating=2, dedup=True, k_core=3)
-    local = prepare(src, tmp_path / "local", options, use_ray=False)
-    distributed = prepare(src, tmp_path / "ray", options, use_ray=True)
+    local = prepare(src, tmp_path / "local", options)
+    from echomamba_dist.distributed.prepare import prepare_on_ray
+
+    distributed = prepare_on_ray(src, tmp_path / "ray", options)
     assert local == distributed
     assert local["n_users"] > 50 and local["n_interactions"] < 6000
     for name in FILES[:3]:

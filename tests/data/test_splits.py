@@ -11,7 +11,6 @@ from echomamba_dist.data.splits import (
     build_windows,
     history_matrix,
     leave_one_out,
-    pad_left,
     pad_right,
     prefix_windows,
     window_batch,
@@ -105,8 +104,8 @@ def test_window_batch_of_some_samples_trimmed_and_of_none():
 def test_pad_helpers():
     seq, n = pad_right([[1, 2, 3], [4]], 2)
     assert seq.tolist() == [[2, 3], [4, 0]] and n.tolist() == [2, 1]
-    seq, n = pad_left([[1, 2, 3], [4], []], 3)
-    assert seq.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]] and n.tolist() == [3, 1, 0]
+    seq, n = pad_right([[1, 2, 3], [4], []], 3)
+    assert seq.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]] and n.tolist() == [3, 1, 0]
 
 
 def test_vectorised_on_a_large_log():

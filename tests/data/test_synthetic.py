@@ -11,7 +11,7 @@ from echomamba_dist.config import SyntheticConfig
 from echomamba_dist.data.dataset import build_synthetic
 from echomamba_dist.data.splits import leave_one_out
 from echomamba_dist.data.synthetic import generate_synthetic
-from echomamba_dist.metrics import finalize_metrics, metric_sums, target_ranks
+from echomamba_dist.train.metrics import finalize_metrics, metric_sums, target_ranks
 
 
 def test_seeded_and_sized():

@@ -206,10 +206,10 @@ def test_submit_train_and_recommend_jobs_tracked_on_mlflow_server(tmp_path, mlfl
 
     # the logged model loads back from the server and scores a user
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    from echomamba_dist.config import load_config
+    from echomamba_dist.config import ExperimentConfig, load
     from echomamba_dist.data.dataset import load_dataset
 
-    ds = load_dataset(load_config(REPO / "jobs/configs/smoke.yaml").data)
+    ds = load_dataset(load(ExperimentConfig, REPO / "jobs/configs/smoke.yaml").data)
     history = [str(ds.item_ids[i]) for i in ds.items[ds.offsets[0] : ds.offsets[1]]]
     out = model.predict(pd.DataFrame({"history": [history]}), params={"k": 5})
     assert len(out["items"][0]) == 5 and not set(out["items"][0]) & set(history)

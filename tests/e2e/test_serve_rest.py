@@ -24,7 +24,7 @@ import yaml
 from echomamba_dist.cli import main
 from echomamba_dist.config import experiment_from_dict
 from echomamba_dist.data.dataset import load_dataset
-from echomamba_dist.inference import load_model, pad_histories, topk_items
+from echomamba_dist.serve.load import load_model, pad_histories, topk_items
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

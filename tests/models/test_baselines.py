@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from echomamba_dist.config import ConfigError, model_config_from_dict
+from echomamba_dist.config import model_config_from_dict
+from echomamba_dist.errors import ConfigError
 from echomamba_dist.models.base import reverse_by_length
 from echomamba_dist.models.bert4rec import BERT4Rec, BERT4RecConfig, append_at
 from echomamba_dist.models.bimamba4rec import BiMamba4Rec, BiMamba4RecConfig

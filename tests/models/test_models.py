@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from echomamba_dist.config import ConfigError, model_config_from_dict, to_dict
+from echomamba_dist.config import model_config_from_dict, to_dict
+from echomamba_dist.errors import ConfigError
 from echomamba_dist.models.base import SequentialRecommender, reverse_by_length
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
 from echomamba_dist.models.registry import (

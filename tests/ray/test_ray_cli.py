@@ -66,10 +66,10 @@ def test_two_workers_train_and_print_the_metrics_table(cli, reference):
     for epoch in range(EPOCHS):  # rank 0 prints each epoch's line, and it is shown once
         assert len(re.findall(rf"epoch +{epoch}  loss", done.stdout + done.stderr)) == 1, epoch
     # the global batch is kept: 2 workers take the steps of one
-    from echomamba_dist.config import load_config
-    from echomamba_dist.ray_train import count_train_samples
+    from echomamba_dist.config import ExperimentConfig, load
+    from echomamba_dist.distributed.trainer import count_train_samples
 
-    cfg = load_config(cli.cwd / "c.yaml")
+    cfg = load(ExperimentConfig, cli.cwd / "c.yaml")
     assert metrics["steps"] == EPOCHS * math.ceil(count_train_samples(cfg, "prefix") / 128)
     import mlflow
 

@@ -12,7 +12,7 @@ import torch
 
 from echomamba_dist.config import experiment_from_dict, to_dict
 from echomamba_dist.data.splits import build_windows
-from echomamba_dist.ray_train import count_train_samples, read_csr, users_table, worker_error_message
+from echomamba_dist.distributed.trainer import count_train_samples, read_csr, users_table, worker_error_message
 from ray_test_helpers import tiny_config
 
 
@@ -102,8 +102,8 @@ def test_worker_error_message_names_the_worker_exception():
 @pytest.mark.parametrize("model", ["echomamba4rec", "sasrec"])
 def test_train_dataset_on_ray_data_holds_the_single_process_samples(local_ray, tmp_path, model):
     from echomamba_dist.models.registry import build_model
-    from echomamba_dist.ray_train import build_train_dataset
-    from echomamba_dist.train.loop import build_training_data
+    from echomamba_dist.distributed.trainer import build_train_dataset
+    from echomamba_dist.train.batches import build_training_data
 
     cfg_dict = tiny_config(tmp_path)
     cfg_dict["model"] = {"name": model, "hidden_size": 16, "max_len": 12}
@@ -126,7 +126,7 @@ def ddp_probe(config: dict) -> None:
     the initial weights. Rank 0 saves the results to config["out"]."""
     import ray.train
 
-    from echomamba_dist.ray_train import RaySession
+    from echomamba_dist.distributed.trainer import RaySession
 
     cfg = experiment_from_dict(config["experiment"])
     session = RaySession(cfg)
@@ -140,7 +140,8 @@ def one_step_and_evaluate(cfg, session) -> dict:
     """The probe's work, shared by the Ray workers and the one-process reference."""
     from echomamba_dist.models.registry import build_model
     from echomamba_dist.train.evaluate import evaluate_model
-    from echomamba_dist.train.loop import LossModule, build_training_data, seed_everything
+    from echomamba_dist.train.loop import LossModule, seed_everything
+    from echomamba_dist.train.batches import build_training_data
 
     data = build_training_data(cfg, "prefix", with_samples=session.local_samples)
     seed_everything(cfg.train.seed)
@@ -181,8 +182,8 @@ def test_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch_and_metrics_m
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from echomamba_dist.ray_train import TRAIN_DATASET, build_train_dataset
-    from echomamba_dist.train.loop import LocalSession
+    from echomamba_dist.distributed.trainer import TRAIN_DATASET, build_train_dataset
+    from echomamba_dist.train.session import LocalSession
 
     cfg_dict, root = probe_config
     cfg = experiment_from_dict(cfg_dict)
@@ -217,7 +218,7 @@ def test_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch_and_metrics_m
 
 @pytest.mark.slow
 def test_ray_sharding_mode_splits_the_dataset_and_trains(local_ray, tmp_path):
-    from echomamba_dist.ray_train import fit
+    from echomamba_dist.distributed.trainer import fit
 
     cfg = experiment_from_dict(tiny_config(tmp_path, train={"data_sharding": "ray"}))
     result = fit(cfg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from echomamba_dist.config import ConfigError, experiment_from_dict
-from echomamba_dist.train.tracking import Tracker
+from echomamba_dist.config import experiment_from_dict
+from echomamba_dist.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -28,26 +28,41 @@ def test_good_registry_names_are_kept():
     assert (cfg.tracking.registered_model, cfg.tracking.model_alias) == ("beauty recs", "champion-2")
 
 
-def test_the_registered_name_is_the_run_name_unless_set(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def registered_as(run: str, **tracking):
-        cfg = experiment_from_dict({"tracking": {"tracking_uri": uri, **tracking}})
-        tracker = Tracker(cfg.tracking, run_dir=tmp_path / run, run_name="beauty-sasrec")
-        tracker.end()
-        return tracker.registered_model
-
-    assert registered_as("a") == "beauty-sasrec"
-    assert registered_as("b", registered_model="recs") == "recs"
-    assert registered_as("c", register=False) is None
+def test_publish_registers_under_the_run_name_unless_set(tmp_path):
+    """After training, `publish_run` logs the best model into the run's MLflow run and registers
+    it: under the run name, or `tracking.registered_model`; not at all with register=false or
+    tracking off. Training itself registers nothing."""
     import mlflow
 
-    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(["0", "1"])
-    off = Tracker(experiment_from_dict({"tracking": {"enabled": False}}).tracking, run_dir=tmp_path, run_name="x")
-    off.log_final({"best_epoch": 0}, checkpoint_dir=tmp_path, item_ids=["", "a"])  # tracking off: nothing happens
-    assert off.run_id is None and off.registered is None
-    assert len(runs) == 3 and len(mlflow.MlflowClient(tracking_uri=uri).search_runs(["0", "1"])) == 3
-    assert not mlflow.MlflowClient(tracking_uri=uri).search_registered_models()
+    from echomamba_dist.config import to_dict
+    from echomamba_dist.serve.pyfunc import publish_run
+    from echomamba_dist.train.loop import train_per_worker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {
+        "data": {"synthetic": {"n_users": 60, "n_items": 30, "n_topics": 3, "mean_length": 6.0}, "max_len": 8},
+        "model": {"name": "sasrec", "hidden_size": 8, "num_layers": 1, "num_heads": 1, "inner_size": 16},
+        "train": {"epochs": 1, "batch_size": 64, "ray": False, "progress": False},
+        "run": {"name": "beauty-sasrec", "storage_path": str(tmp_path / "runs")},
+        "tracking": {"tracking_uri": uri, "experiment": "publish"},
+    }
+    cfg = experiment_from_dict(base)
+    train_per_worker(to_dict(cfg))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert not client.search_registered_models()  # the loop logs metrics; publishing is separate
+
+    def publish(**tracking):
+        return publish_run(experiment_from_dict({**base, "tracking": {**base["tracking"], **tracking}}))
+
+    assert publish(enabled=False) is None and publish(log_model=False) is None
+    assert not client.search_registered_models()
+    first = publish()
+    assert (first.name, first.version) == ("beauty-sasrec", 1)
+    assert publish(registered_model="recs").name == "recs"
+    assert publish(register=False) is None
+    assert sorted(m.name for m in client.search_registered_models()) == ["beauty-sasrec", "recs"]
+    [run] = client.search_runs([client.get_experiment_by_name("publish").experiment_id])
+    assert {v.run_id for v in client.search_model_versions("name = 'recs'")} == {run.info.run_id}
 
 
 def test_trainers_opening_a_new_store_at_once_all_get_it(tmp_path):

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from echomamba_dist.config import ConfigError, ExperimentConfig, experiment_from_dict
-from echomamba_dist.errors import CheckpointError, NonFiniteScores
+from echomamba_dist.data.splits import pad_right
+
+from echomamba_dist.config import ExperimentConfig, experiment_from_dict
+from echomamba_dist.errors import CheckpointError, ConfigError, NonFiniteScores
 from echomamba_dist.train.checkpoint import (
     CONFIG_FILE,
     META_FILE,
@@ -86,15 +88,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", b
     return LoadedModel(model=model, config=cfg, meta=meta, checkpoint_dir=ckpt)
 
 
-def pad_histories(histories: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad item-index histories to (n, max_len), keeping the most recent max_len items."""
-    seq = np.zeros((len(histories), max_len), dtype=np.int64)
-    seq_len = np.zeros(len(histories), dtype=np.int64)
-    for i, h in enumerate(histories):
-        h = np.asarray(h, dtype=np.int64)[-max_len:]
-        seq[i, : len(h)] = h
-        seq_len[i] = len(h)
-    return seq, seq_len
+def pad_histories(histories: list[np.ndarray] | list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad item-index histories to (n, max_len), keeping the most recent max_len items
+    (`data.splits.pad_right`)."""
+    return pad_right(histories, max_len)
 
 
 @torch.no_grad()

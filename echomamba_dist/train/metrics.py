@@ -8,7 +8,7 @@ favour. For one target with rank r and cut-off K:
 
 so HR@K >= NDCG@K >= MRR@K for every target (and for their means). With one held-out item per
 user, Recall@K equals HR@K. Workers return `metric_sums` over their shard of users; adding the
-dicts key by key (`combine_sums`) and calling `finalize_metrics` gives the metrics of all users.
+dicts key by key (an all-reduce) and calling `finalize_metrics` gives the metrics of all users.
 
 Non-finite scores (NaN, +inf, -inf) rank as the worst there is, never as a hit. An item with a
 non-finite score is below every finite score: it never counts above a finite target (also +inf,
@@ -20,7 +20,7 @@ that must not report such metrics at all check the scores themselves (`evaluate_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -76,21 +76,6 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def combine_sums(parts: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Add metric-sum dicts key by key (batches, or shards of users on many workers).
-
-    Raises:
-        ValueError: the dicts do not have the same keys.
-    """
-    total: dict[str, float] = {}
-    for part in parts:
-        if total and set(part) != set(total):
-            raise ValueError(f"metric sums with different keys: {sorted(total)} vs {sorted(part)}")
-        for key, value in part.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
 def finalize_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Means from sums: every key except "count" divided by "count".
 
@@ -103,4 +88,4 @@ def finalize_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {key: value / count for key, value in sums.items() if key != "count"}
 
 
-__all__ = ["METRICS", "combine_sums", "finalize_metrics", "metric_sums", "target_ranks"]
+__all__ = ["METRICS", "finalize_metrics", "metric_sums", "target_ranks"]

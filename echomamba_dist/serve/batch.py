@@ -1,8 +1,8 @@
 """Batch recommendation: top-K items (original ids) for users of a prepared dataset.
 
-`recommend_users` runs in one process; `recommend_on_ray` runs the same scoring on Ray Data with
-the model held by a pool of actors (GPU actors when asked), for catalogues of users too large for
-one machine. Both write the same Parquet layout: user_id, rank, item_id, score.
+`recommend_users` runs in one process; `echomamba_dist.distributed.recommend.recommend_on_ray`
+runs the same scoring (`BatchScorer`) on Ray Data with the model held by a pool of actors (GPU
+actors when asked), for catalogues of users too large for one machine. Both write the same Parquet layout: user_id, rank, item_id, score.
 
 A user gets fewer than K rows when fewer than K items are left to recommend (the catalogue minus
 the history the model reads, with `exclude_history`); `available_items` counts them beforehand.
@@ -13,16 +13,14 @@ recommendations this project wrote (`is_recommendations_file`, `is_recommendatio
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from echomamba_dist.errors import NonFiniteScores
-from echomamba_dist.inference import LoadedModel, pad_histories, topk_items
-from echomamba_dist.io import atomic_dir, atomic_file, check_output_dir
+from echomamba_dist.io import atomic_file
+from echomamba_dist.serve.load import LoadedModel, pad_histories, topk_items
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())])
 
@@ -76,7 +74,7 @@ def is_recommendations_file(path: str | os.PathLike) -> bool:
 
 
 def is_recommendations_dir(path: str | os.PathLike) -> bool:
-    """Whether directory `path` holds only Parquet files of recommendations (`recommend_on_ray`)."""
+    """Whether directory `path` holds only Parquet files of recommendations (`distributed.recommend.recommend_on_ray`)."""
     try:
         entries = list(Path(path).iterdir())
     except OSError:
@@ -103,13 +101,13 @@ def write_recommendations(table: pa.Table, path: str | os.PathLike, *, overwrite
         pq.write_table(table, tmp)
 
 
-class _Scorer:
+class BatchScorer:
     """A Ray Data actor: loads the model once, scores batches of histories."""
 
     def __init__(self, checkpoint: str, item_ids: list[str], k: int, exclude_history: bool, use_gpu: bool) -> None:
         import torch
 
-        from echomamba_dist.inference import load_model
+        from echomamba_dist.serve.load import load_model
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.loaded = load_model(checkpoint, device=self.device)
@@ -124,68 +122,3 @@ class _Scorer:
             self.loaded.model, seq, seq_len, k=self.k, exclude_history=self.exclude_history, device=self.device
         )
         return recommendations_table(batch.column("user_id").to_pylist(), top, scores, self.item_ids)
-
-
-def recommend_on_ray(
-    checkpoint: str | os.PathLike,
-    ds,
-    output_dir: str | os.PathLike,
-    *,
-    k: int,
-    exclude_history: bool = True,
-    num_actors: int = 2,
-    use_gpu: bool = False,
-    batch_size: int = 4096,
-    overwrite: bool = False,
-) -> int:
-    """Top-k for every user of `ds` on Ray Data, the model held by a pool of `num_actors` actors
-    (one GPU each with `use_gpu`); Parquet files written to `output_dir` atomically.
-
-    Returns the number of users scored.
-    Raises:
-        OutputError: `output_dir` is a file, or a non-empty directory without `overwrite`, or with
-            `overwrite` one that holds other files than recommendations; it cannot be written.
-        NonFiniteScores: the model scores some user with NaN or infinity.
-    """
-    import ray.data
-
-    from echomamba_dist.ray_train import init_ray, worker_exception
-
-    owned = is_recommendations_dir
-    check_output_dir(output_dir, overwrite=overwrite, owned=owned, what="recommendations directory")  # before Ray
-    init_ray()
-    lengths = np.diff(ds.offsets)
-    table = pa.table(
-        {
-            "user_id": pa.array([str(u) for u in ds.user_ids], pa.string()),
-            "history": pa.ListArray.from_arrays(pa.array(ds.offsets.astype(np.int32)), pa.array(ds.items)),
-        }
-    )
-    table = table.filter(pa.array(lengths > 0))
-    # enough blocks that every actor gets work, none larger than one batch
-    chunk = max(1, min(batch_size, -(-table.num_rows // max(num_actors, 1))))
-    users = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)] or [table])
-    recs = users.map_batches(
-        _Scorer,
-        fn_constructor_kwargs={
-            "checkpoint": str(Path(checkpoint).resolve()),
-            "item_ids": [str(x) for x in ds.item_ids],
-            "k": k,
-            "exclude_history": exclude_history,
-            "use_gpu": use_gpu,
-        },
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        concurrency=num_actors,
-        num_gpus=1 if use_gpu else None,
-    )
-    with atomic_dir(Path(output_dir).resolve(), overwrite=overwrite, owned=owned, what="recommendations directory") as staging:
-        try:
-            recs.write_parquet(str(staging))
-        except Exception as exc:  # an actor's NonFiniteScores arrives wrapped by Ray, maybe as text only
-            found = worker_exception(exc, NonFiniteScores)
-            text = re.search(r"NonFiniteScores: ([^\n]+)", str(exc))
-            if found is None and text is None:
-                raise
-            raise NonFiniteScores(str(found).splitlines()[0] if found is not None else text.group(1).strip()) from None
-    return int(table.num_rows)

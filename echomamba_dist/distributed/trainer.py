@@ -33,27 +33,40 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict
-from echomamba_dist.data.splits import Windows, build_windows
+from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
+from echomamba_dist.data.splits import Windows, build_windows, leave_one_out
+from echomamba_dist.distributed import ray_compat
+from echomamba_dist.distributed.runtime import init_ray
 from echomamba_dist.errors import TrainingDiverged, WorkerError
 from echomamba_dist.io import write_text_atomic
+from echomamba_dist.train.batches import BatchSource
 from echomamba_dist.train.checkpoint import check_resume, newest_intact, run_checkpoints
-from echomamba_dist.train.loop import METRICS_FILE, BatchSource, train_per_worker
+from echomamba_dist.train.loop import METRICS_FILE, train_per_worker
 from echomamba_dist.train.runlock import RunLock
 from echomamba_dist.train.tracking import metric_key
 
 TRAIN_DATASET = "train"
 DIVERGED_MARKER = ".diverged"  # in the run directory while one fit's workers found it diverged
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,9 +85,6 @@ class RaySession:
     local_samples = False  # the training samples come from Ray Data, not from the loop
 
     def __init__(self, cfg: ExperimentConfig, *, train_samples: int | None = None) -> None:
-        import ray
-        import ray.train
-        import ray.train.torch
 
         ctx = ray.train.get_context()
         self.cfg = cfg
@@ -92,14 +102,12 @@ class RaySession:
         )
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
 
         return ray.train.torch.prepare_model(module, move_to_device=self.device)
 
     def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
             return sums
-        import torch.distributed as dist
 
         keys = sorted(sums)  # the same order on every rank, whatever order the dict was built in
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -111,7 +119,6 @@ class RaySession:
     def restore_dir(self):
         # `fit` hides earlier checkpoints from Ray when run.resume is false, so whatever Ray
         # offers here belongs to this run (a restart after a worker failure included)
-        import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
@@ -123,9 +130,6 @@ class RaySession:
             yield [Path(d), *older]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None:
-        import shutil
-
-        import ray.train
 
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}
         if checkpoint_dir is not None:
@@ -143,7 +147,6 @@ class RaySession:
 
         `samples` is None (`local_samples` is False): the users come from the "train" dataset.
         """
-        import ray.train
 
         shard = ray.train.get_dataset_shard(TRAIN_DATASET)
         if shard is None:
@@ -287,7 +290,6 @@ class RayShardSource:
 
     def _fewest(self, steps: int, device: torch.device) -> int:
         """The smallest `steps` over all ranks."""
-        import torch.distributed as dist
 
         if self.world_size == 1 or not dist.is_initialized():
             return steps
@@ -317,7 +319,6 @@ def users_table(train_offsets: np.ndarray, train_items: np.ndarray):
     """The training parts as a pyarrow Table, one row a user: `user` (int64, 0-based) and `items`
     (large_list<int64>). Its buffers are the CSR arrays themselves (zero-copy here), so that a
     worker reading the table whole uses them as they are (`read_csr`)."""
-    import pyarrow as pa
 
     train_offsets = np.asarray(train_offsets, dtype=np.int64)
     return pa.table({
@@ -335,10 +336,6 @@ def build_train_dataset(cfg: ExperimentConfig):
     of the items per node, in shared memory). "ray": about 16 blocks, for the streaming split to
     spread (each worker copies its share once).
     """
-    import ray.data
-
-    from echomamba_dist.data.dataset import load_dataset
-    from echomamba_dist.data.splits import leave_one_out
 
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
@@ -352,8 +349,6 @@ def build_train_dataset(cfg: ExperimentConfig):
 
 def count_train_samples(cfg: ExperimentConfig, sample_mode: str) -> int:
     """The number of training samples of `cfg.data` in `sample_mode` (computed on the driver)."""
-    from echomamba_dist.data.dataset import load_dataset
-    from echomamba_dist.data.splits import leave_one_out
 
     ds = load_dataset(cfg.data)
     loo = leave_one_out(ds.offsets, ds.items)
@@ -362,28 +357,6 @@ def count_train_samples(cfg: ExperimentConfig, sample_mode: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Driver side
-
-
-def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` or `RAY_ADDRESS` (a cluster), else start a local Ray in this process.
-
-    Args:
-        num_cpus: logical CPUs of a local Ray (default: cores + 1, one spare for Ray Data).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=num_cpus or (os.cpu_count() or 1) + 1,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
 
 
 def resolve_for_workers(cfg: ExperimentConfig, *, local: bool) -> ExperimentConfig:
@@ -405,9 +378,6 @@ def resolve_for_workers(cfg: ExperimentConfig, *, local: bool) -> ExperimentConf
 
 def build_trainer(cfg: ExperimentConfig, *, placement_strategy: str = "PACK"):
     """The TorchTrainer for `cfg` (already passed through `resolve_for_workers`)."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     sample_mode = cfg.sample_mode
     exact = cfg.train.data_sharding == "exact"
@@ -426,7 +396,7 @@ def build_trainer(cfg: ExperimentConfig, *, placement_strategy: str = "PACK"):
             resources_per_worker=resources,
             placement_strategy=placement_strategy,
         ),
-        run_config=RunConfig(
+        run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -469,7 +439,6 @@ def fit(cfg: ExperimentConfig, *, placement_strategy: str = "PACK") -> dict[str,
 
 def _check_resume_on_driver(cfg: ExperimentConfig) -> None:
     """The checks of a resume (`check_resume`) against the run's newest intact checkpoint."""
-    from echomamba_dist.data.dataset import dataset_fingerprint, load_dataset
 
     ckpt = newest_intact(run_checkpoints(cfg.run.run_dir))
     if ckpt is not None:
@@ -479,22 +448,15 @@ def _check_resume_on_driver(cfg: ExperimentConfig) -> None:
 
 def _fit_owned(cfg: ExperimentConfig, *, local: bool, placement_strategy: str) -> dict[str, Any]:
     """`fit` once the driver holds the run directory."""
-    import ray.data
 
     if local:
         needed = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
         init_ray(num_cpus=max(needed, os.cpu_count() or 1) + 1)  # + 1: Ray Data's own CPU
     else:
         init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers inherit it
-    # Train V2 replaces `print` in the workers with one that logs the line and, whenever
-    # sys.stdout is wrapped (MLflow does), prints it too: every epoch line twice in the driver's
-    # output. Unpatched, a worker's print goes to its stdout once, which Ray shows here. The driver
-    # passes this variable on to the controller and the workers; a value set by the user wins.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_dir = cfg.run.run_dir
     if not cfg.run.resume:
-        _forget_checkpoints(run_dir)
+        ray_compat.forget_checkpoints(run_dir)
     (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)  # one of an earlier fit: try again
     with _sigterm_as_interrupt():
         trainer = build_trainer(cfg, placement_strategy=placement_strategy)
@@ -511,18 +473,9 @@ def _fit_owned(cfg: ExperimentConfig, *, local: bool, placement_strategy: str) -
     return json.loads((run_dir / METRICS_FILE).read_text())
 
 
-def _forget_checkpoints(run_dir: Path) -> None:
-    """Make Ray start this run afresh: it restores from the snapshot of reported checkpoints."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if snapshot.is_file():
-        snapshot.unlink()
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (as SIGINT does)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -565,7 +518,7 @@ def worker_error_message(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
         rank, first = min(failures.items())
-        details = getattr(exc, "_error_message", None) or str(exc)
+        details = str(exc).removeprefix("Training failed due to worker errors:\n")
         return (
             f"training failed on worker rank {rank}: {type(first).__name__}: {first}\n\n"
             f"worker traceback(s):\n{details}"

@@ -1,7 +1,7 @@
 """The trained model as an MLflow pyfunc model: logged, registered, loaded back and served.
 
-Logged at the end of every tracked training run (artifact path `model`) and registered in the
-MLflow Model Registry: the best checkpoint, the item-id vocabulary and this package's source
+Logged when a tracked training run has ended (`publish_run`, artifact path `model`) and
+registered in the MLflow Model Registry: the best checkpoint, the item-id vocabulary and this package's source
 travel with it, so that
 
     model = mlflow.pyfunc.load_model("models:/<name>@champion")   # or runs:/<run id>/model
@@ -20,12 +20,19 @@ Weights are read with `weights_only=True`; the pyfunc wrapper itself is stored w
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from echomamba_dist import __version__
+from echomamba_dist.data.dataset import load_dataset
+from echomamba_dist.serve.load import load_model, pad_histories, topk_items
+from echomamba_dist.train.checkpoint import latest_checkpoint
+from echomamba_dist.train.tracking import RUN_ID_FILE, use_experiment
 
 ARTIFACT_PATH = "model"
 DEFAULT_K = 10
@@ -85,8 +92,6 @@ def recommend_unseen(loaded, histories: list[list[int]], *, k: int) -> list[tupl
     The model reads the last `max_len` items; every item of the whole history is excluded, also
     those older than `max_len`. A row has fewer than k items only when the catalogue runs out.
     """
-    from echomamba_dist.inference import pad_histories, topk_items
-
     max_len = loaded.config.data.max_len
     seq, seq_len = pad_histories(histories, max_len)
     # topk_items excludes what the model sees; ask for enough extra to drop the older items too
@@ -108,8 +113,6 @@ def _python_model_class():
         param `k` (default 10). Output: a DataFrame with `items` (top-k unseen ids) and `scores`."""
 
         def load_context(self, context) -> None:
-            from echomamba_dist.inference import load_model
-
             self.loaded = load_model(context.artifacts["checkpoint"])
             self.item_ids = json.loads(Path(context.artifacts["item_ids"]).read_text())
             self.index = {item: i for i, item in enumerate(self.item_ids) if i > 0}
@@ -195,9 +198,48 @@ def register(model_uri: str, name: str, *, alias: str | None = None, tags: dict[
     return RegisteredVersion(name=name, version=int(version.version), alias=alias)
 
 
-def load_recommender(model_uri: str):
-    """`mlflow.pyfunc.load_model` of a logged recommender (`models:/<name>@champion`,
-    `models:/<name>/<version>`, `runs:/<id>/model`). Load only from a store you trust."""
-    import mlflow.pyfunc
+def publish_run(cfg) -> RegisteredVersion | None:
+    """Log a finished training run's best model as a pyfunc model into the run's MLflow run, and
+    register it as a new version of `tracking.registered_model` (default: the run name), with
+    `tracking.model_alias` moved to it.
 
-    return mlflow.pyfunc.load_model(model_uri)
+    Called by whoever ran the training (the `train` command, in process or on Ray), once it has
+    ended: the run directory's latest checkpoint carries the best weights, and its
+    `mlflow_run_id` names the MLflow run. When the store refuses the registration (a server
+    without a Model Registry, no permission), the logged model stays in the run
+    (`runs:/<run id>/model` loads it) and one line says why; the finished run does not fail.
+
+    Args:
+        cfg: the run's ExperimentConfig.
+    Returns:
+        The RegisteredVersion, or None: tracking or `tracking.log_model` off, no checkpoint, or
+        not registered.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking, run_dir = cfg.tracking, cfg.run.run_dir
+    id_file = run_dir / RUN_ID_FILE
+    checkpoint_dir = latest_checkpoint(run_dir)
+    if not (tracking.enabled and tracking.log_model) or checkpoint_dir is None or not id_file.is_file():
+        return None
+    run_id = id_file.read_text().strip()
+    item_ids = [str(x) for x in load_dataset(cfg.data).item_ids]
+    use_experiment(tracking)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(checkpoint_dir), artifact_path="best_checkpoint")
+        info = log_model(checkpoint_dir, item_ids)
+    if not tracking.register:
+        return None
+    name = tracking.registered_model or cfg.run.name
+    try:
+        registered = register(info.model_uri, name, alias=tracking.model_alias,
+                              tags={"echomamba.run": cfg.run.name, "echomamba.version": __version__})
+    except MlflowException as exc:  # the run's model is logged: say why, do not fail the run
+        print(f"MLflow: the model was logged (runs:/{run_id}/model) but not registered as {name!r}: "
+              f"{exc.message.splitlines()[0]}", file=sys.stderr, flush=True)
+        return None
+    print(f"MLflow: registered model {registered.name!r} version {registered.version} "
+          f"(models:/{registered.name}/{registered.version}{f', {registered.uri}' if registered.alias else ''})",
+          flush=True)
+    return registered
