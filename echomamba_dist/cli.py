@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `echomamba` script. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the commands say what they did; MLflow's INFO lines and progress bars would repeat it
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     command = args.command or "train"
     if args.command is None:
         args = parser.parse_args(["train"])

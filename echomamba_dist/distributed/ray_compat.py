@@ -22,12 +22,6 @@ TARGET_RAY_VERSION = "2.60.0"
 # Ray on the machine, without setting RAY_TMPDIR for the whole process.
 INIT_TEMP_DIR_ARG = "_temp_dir"
 
-# Train V2 replaces `print` in the workers with one that logs the line and, whenever sys.stdout is
-# wrapped (MLflow does), prints it too: every epoch line twice in the driver's output. Off, a
-# worker's print goes to its stdout once, which Ray shows on the driver. Read by
-# ray.train.v2._internal.logging.patch_print; passed to the workers through the job's runtime_env.
-PRINT_PATCH_ENV_VAR = "RAY_TRAIN_ENABLE_PRINT_PATCH"
-
 # Ray Train restores a run from the checkpoints listed in this file of the run directory; a run
 # started with run.resume=false removes it so that Ray starts afresh (the public API has no
 # "do not restore" switch). ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME.
@@ -38,15 +32,34 @@ CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # is lost (the trial would end without its last epoch).
 REPORT_QUEUE_ATTR = "_training_actor_item_queue"
 
+# Where Ray's State API client looks first for the dashboard's API server (before RAY_ADDRESS and
+# the cluster files); Train's placement-group cleaner asks that API whether a run's controller is
+# alive. ray._private.ray_constants.RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE.
+API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"
+
+# What WorkerGroupError's message starts with, before the failing workers' tracebacks.
+WORKER_GROUP_ERROR_PREFIX = "Training failed due to worker errors:\n"
+
 
 def temp_dir_kwargs(path: str | os.PathLike) -> dict[str, Any]:
     """`ray.init` keyword arguments that give a local Ray its own temporary directory."""
     return {INIT_TEMP_DIR_ARG: str(Path(path).resolve())}
 
 
-def worker_env_vars() -> dict[str, str]:
-    """Environment variables for every Ray process of our jobs (a value the user set wins)."""
-    return {PRINT_PATCH_ENV_VAR: os.environ.get(PRINT_PATCH_ENV_VAR, "0")}
+def worker_env_vars(*, api_server: str | None = None) -> dict[str, str]:
+    """Environment variables for every Ray process of our jobs (a value the user set wins).
+
+    Args:
+        api_server: the dashboard's API server URL of a local Ray (e.g. http://127.0.0.1:8265).
+    """
+    if api_server is None:
+        return {}
+    return {API_SERVER_ENV_VAR: os.environ.get(API_SERVER_ENV_VAR, api_server)}
+
+
+def worker_tracebacks(exc: BaseException) -> str:
+    """The failing workers' tracebacks of a WorkerGroupError, without its leading line."""
+    return str(exc).removeprefix(WORKER_GROUP_ERROR_PREFIX)
 
 
 def forget_checkpoints(run_dir: Path) -> None:

@@ -7,11 +7,15 @@
   - the dashboard's API server on 127.0.0.1 at a free port, nowhere else: Ray Train's
     placement-group cleaner asks the State API whether a run's controller is alive (without it,
     it warns about once a second and cannot release the CPUs of a trial that ASHA stopped). Its
-    processes find the server through `RAY_API_SERVER_ADDRESS` in the job's runtime_env;
+    processes find the server through `ray_compat.API_SERVER_ENV_VAR` in the job's runtime_env;
   - one logical CPU more than the training workers take, so that Ray Data always has one.
 
-The job's runtime_env also carries `ray_compat.worker_env_vars()`. Nothing here changes this
-process's environment.
+Output: the workers' output is not forwarded to the driver, and Ray's loggers in this process
+report errors only, so a command prints its own lines. The lines a training run shows its user
+reach the driver through the run's log file (`train.session.RUN_LOG`, followed by
+`distributed.trainer`); everything Ray logs stays in its session's log files under the temp dir.
+`ECHOMAMBA_RAY_OUTPUT=1` shows Ray's own output as well. Nothing here changes this process's
+environment.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ import ray
 
 from echomamba_dist.distributed import ray_compat
 
-API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"  # where the State API client looks first
-
+OUTPUT_ENV_VAR = "ECHOMAMBA_RAY_OUTPUT"  # "1": show Ray's own output (workers' output, Ray's warnings)
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -45,10 +48,12 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
     """
     if ray.is_initialized():
         return
+    verbose = os.environ.get(OUTPUT_ENV_VAR, "") not in ("", "0")
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's notices in this process (e.g. token auth)
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = ray_compat.worker_env_vars()
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": ray_compat.worker_env_vars()})
         quiet_data()
         return
     port = _free_port()
@@ -59,9 +64,9 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        log_to_driver=True,
+        log_to_driver=verbose,
         configure_logging=False,
-        runtime_env={"env_vars": {**env_vars, API_SERVER_ENV_VAR: f"http://127.0.0.1:{port}"}},
+        runtime_env={"env_vars": ray_compat.worker_env_vars(api_server=f"http://127.0.0.1:{port}")},
         **ray_compat.temp_dir_kwargs(temp_dir),
     )
     quiet_data()

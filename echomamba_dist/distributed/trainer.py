@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,7 @@ from echomamba_dist.train.batches import BatchSource
 from echomamba_dist.train.checkpoint import check_resume, newest_intact, run_checkpoints
 from echomamba_dist.train.loop import METRICS_FILE, train_per_worker
 from echomamba_dist.train.runlock import RunLock
+from echomamba_dist.train.session import RUN_LOG, append_run_log
 from echomamba_dist.train.tracking import metric_key
 
 TRAIN_DATASET = "train"
@@ -95,11 +97,13 @@ class RaySession:
         threads = max(1, int(cfg.train.cpus_per_worker or 1))
         torch.set_num_threads(threads)
         node = ray.get_runtime_context().get_node_id()
-        print(
-            f"worker {self.rank}/{self.world_size} on node {node} ({socket.gethostname()}), "
-            f"device {self.device}, {threads} threads",
-            flush=True,
-        )
+        self.log(f"worker {self.rank}/{self.world_size} on node {node} ({socket.gethostname()}), "
+                 f"device {self.device}, {threads} threads")
+
+    def log(self, line: str) -> None:
+        """The driver shows the run log's lines (`follow_run_log`); worker output stays in Ray's logs."""
+        print(line, flush=True)
+        append_run_log(self.cfg.run.run_dir, line)
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
 
@@ -458,7 +462,7 @@ def _fit_owned(cfg: ExperimentConfig, *, local: bool, placement_strategy: str) -
     if not cfg.run.resume:
         ray_compat.forget_checkpoints(run_dir)
     (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)  # one of an earlier fit: try again
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), follow_run_log(run_dir / RUN_LOG):
         trainer = build_trainer(cfg, placement_strategy=placement_strategy)
         try:
             trainer.fit()
@@ -471,6 +475,41 @@ def _fit_owned(cfg: ExperimentConfig, *, local: bool, placement_strategy: str) -
                 raise TrainingDiverged(str(diverged).splitlines()[0]) from None
             raise WorkerError(worker_error_message(exc)) from None
     return json.loads((run_dir / METRICS_FILE).read_text())
+
+
+@contextlib.contextmanager
+def follow_run_log(path: Path, *, interval: float = 0.5):
+    """Within the block, print the lines that the run's workers add to its log at `path` (what
+    `tail -f` would show from the block's start); the last ones are printed when the block ends."""
+    offset = path.stat().st_size if path.is_file() else 0
+    stop = threading.Event()
+
+    def drain() -> None:
+        nonlocal offset
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for its newline
+        if complete:
+            offset += len(complete)
+            sys.stdout.write(complete.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+
+    def follow() -> None:
+        while not stop.wait(interval):
+            drain()
+
+    thread = threading.Thread(target=follow, name="follow-run-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        drain()
 
 
 @contextlib.contextmanager
@@ -518,7 +557,7 @@ def worker_error_message(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
         rank, first = min(failures.items())
-        details = str(exc).removeprefix("Training failed due to worker errors:\n")
+        details = ray_compat.worker_tracebacks(exc)
         return (
             f"training failed on worker rank {rank}: {type(first).__name__}: {first}\n\n"
             f"worker traceback(s):\n{details}"

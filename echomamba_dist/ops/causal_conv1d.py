@@ -17,21 +17,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-
-def causal_conv1d_silu_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reference: `F.conv1d` (groups = D, padding K - 1, first L outputs), then SiLU.
-
-    Takes x (B, L, D), weight (D, K), bias (D,) or None; returns (B, L, D), differentiable by
-    autograd in all three.
-    """
-    length, d_inner = x.shape[1], x.shape[2]
-    kernel = weight.shape[1]
-    y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=kernel - 1, groups=d_inner)
-    return F.silu(y[..., :length]).transpose(1, 2)  # (B, L, D)
+from echomamba_dist.ops.reference import causal_conv1d_silu_ref
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echomamba_dist.ops.causal_conv1d import causal_conv1d_silu_ref
+from echomamba_dist.ops.reference import causal_conv1d_silu_ref
 from echomamba_dist.ops.selective_scan_cpu import (
     _ITEMS_PER_THREAD,
     _KERNEL_FASTMATH,

@@ -32,50 +32,12 @@ import functools
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from echomamba_dist.ops.reference import selective_scan_ref
 
 Backend = Literal["auto", "reference", "cpu", "cuda"]
 
 
-def selective_scan_ref(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
-    """Reference selective scan: a per-step loop in fp32, differentiable by autograd.
-
-    Memory is O(B*D*N) for the state plus what autograd keeps per step; no (B, D, L, N) tensor is
-    ever built. Returns a tensor of `u`'s dtype and shape (B, D, L).
-    """
-    dtype_in = u.dtype
-    # At least fp32 (bf16/fp16 inputs are upcast); float64 stays float64 so gradcheck can run.
-    compute = torch.promote_types(u.dtype, torch.float32)
-    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d_inner, length = u.shape
-    state = u.new_zeros(batch, d_inner, A.shape[1])  # (B, D, N)
-    ys = []
-    for t in range(length):
-        dt = delta[:, :, t, None]  # (B, D, 1)
-        decay = torch.exp(dt * A)  # (B, D, N)
-        drive = dt * B[:, None, :, t] * u[:, :, t, None]  # (B, D, N)
-        state = decay * state + drive
-        ys.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))  # (B, D)
-    y = torch.stack(ys, dim=-1)  # (B, D, L)
-    if D is not None:
-        y = y + u * D.to(compute)[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    return y.to(dtype_in)
 
 
 @functools.lru_cache(maxsize=None)

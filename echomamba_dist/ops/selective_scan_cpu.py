@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from numba import types
 from numba.extending import overload
 
-from echomamba_dist.ops.selective_scan import selective_scan_ref
+from echomamba_dist.ops.reference import selective_scan_ref
 
 # Work items per thread: enough to balance uneven chunks, few enough that the per-item scratch
 # and the per-item gradient partials stay negligible.

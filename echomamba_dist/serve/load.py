@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from echomamba_dist.data.splits import pad_right
-
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict
+from echomamba_dist.data.splits import pad_right
 from echomamba_dist.errors import CheckpointError, ConfigError, NonFiniteScores
 from echomamba_dist.train.checkpoint import (
     CONFIG_FILE,

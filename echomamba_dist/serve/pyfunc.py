@@ -13,12 +13,15 @@ the same over REST (README, "Serving a trained model"). Bad input raises an Mlfl
 with error code INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400
 and the message.
 
-Weights are read with `weights_only=True`; the pyfunc wrapper itself is stored with cloudpickle
-(MLflow's format), so load models only from a store you trust (docs/model_card.md).
+Weights are read with `weights_only=True`, and the wrapper is logged as code (`pyfunc_model.py`,
+MLflow's models from code), not pickled; loading a model still runs the code it carries (this
+package), so load models only from a store you trust (docs/model_card.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -26,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import DataType
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from echomamba_dist import __version__
 from echomamba_dist.data.dataset import load_dataset
@@ -35,6 +45,7 @@ from echomamba_dist.train.checkpoint import latest_checkpoint
 from echomamba_dist.train.tracking import RUN_ID_FILE, use_experiment
 
 ARTIFACT_PATH = "model"
+MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")  # what MLflow runs to load the model
 DEFAULT_K = 10
 
 
@@ -54,8 +65,6 @@ class RegisteredVersion:
 
 def _bad_input(message: str):
     """The error MLflow's scoring server turns into HTTP 400 with `message`."""
-    from mlflow.exceptions import MlflowException
-
     return MlflowException.invalid_parameter_value(message)
 
 
@@ -67,8 +76,6 @@ def parse_histories(model_input: Any, index: dict[str, int]) -> list[list[int]]:
         MlflowException (INVALID_PARAMETER_VALUE): no `history` column, or a row whose history
             is not a list of ids, is empty, or holds ids the model does not know (named).
     """
-    import pandas as pd
-
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     if "history" not in frame.columns:
         raise _bad_input(f"expected a `history` column (lists of item ids, oldest first), got columns {list(frame.columns)}")
@@ -105,42 +112,35 @@ def recommend_unseen(loaded, histories: list[list[int]], *, k: int) -> list[tupl
     return out
 
 
-def _python_model_class():
-    import mlflow.pyfunc
+class EchoMambaRecommender(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with a `history` column (lists of original item ids, oldest first);
+    param `k` (default 10). Output: a DataFrame with `items` (top-k unseen ids) and `scores`.
 
-    class EchoMambaRecommender(mlflow.pyfunc.PythonModel):
-        """Input: a DataFrame with a `history` column (lists of original item ids, oldest first);
-        param `k` (default 10). Output: a DataFrame with `items` (top-k unseen ids) and `scores`."""
+    Logged as code (`pyfunc_model.py`, MLflow's "models from code"), not pickled. The DataFrame
+    type hint tells MLflow not to validate input by type hints: the signature says what it takes,
+    and `parse_histories` refuses the rest (400s naming the row)."""
 
-        def load_context(self, context) -> None:
-            self.loaded = load_model(context.artifacts["checkpoint"])
-            self.item_ids = json.loads(Path(context.artifacts["item_ids"]).read_text())
-            self.index = {item: i for i, item in enumerate(self.item_ids) if i > 0}
+    def load_context(self, context) -> None:
+        self.loaded = load_model(context.artifacts["checkpoint"])
+        self.item_ids = json.loads(Path(context.artifacts["item_ids"]).read_text())
+        self.index = {item: i for i, item in enumerate(self.item_ids) if i > 0}
 
-        def predict(self, context, model_input, params: dict[str, Any] | None = None):
-            import pandas as pd
-
-            k = (params or {}).get("k", DEFAULT_K)
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise _bad_input(f"params.k: expected an integer >= 1, got {k!r}")
-            histories = parse_histories(model_input, self.index)
-            recs = recommend_unseen(self.loaded, histories, k=int(k))
-            return pd.DataFrame({
-                "items": [[self.item_ids[i] for i in items] for items, _ in recs],
-                "scores": [scores for _, scores in recs],
-            })
-
-    return EchoMambaRecommender
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        k = (params or {}).get("k", DEFAULT_K)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise _bad_input(f"params.k: expected an integer >= 1, got {k!r}")
+        histories = parse_histories(model_input, self.index)
+        recs = recommend_unseen(self.loaded, histories, k=int(k))
+        return pd.DataFrame({
+            "items": [[self.item_ids[i] for i in items] for items, _ in recs],
+            "scores": [scores for _, scores in recs],
+        })
 
 
 def model_signature():
     """Inputs: `history`, a list of item ids (optional in the schema, so that a request without it
     reaches `predict` and gets a 400 naming the column; MLflow answers a missing required column
     with a 500). Outputs: `items` and `scores`. Param: `k`."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import DataType
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec(Array(DataType.string), "history", required=False)]),
         outputs=Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores")]),
@@ -150,8 +150,6 @@ def model_signature():
 
 def input_example(item_ids: list[str]):
     """Two short histories of real item ids (the first items of the vocabulary)."""
-    import pandas as pd
-
     ids = [str(x) for x in item_ids[1:4]]
     return pd.DataFrame({"history": [ids[:2], ids[2:3] or ids[:1]]})
 
@@ -166,15 +164,13 @@ def log_model(checkpoint_dir: Path, item_ids: list[str]):
     Returns:
         MLflow's ModelInfo (its `model_uri` registers the model).
     """
-    import mlflow.pyfunc
-
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # echomamba_dist/, shipped with the model
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = Path(tmp) / "item_ids.json"
         ids_path.write_text(json.dumps([None, *map(str, item_ids[1:])]))
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
-            python_model=_python_model_class()(),
+            python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint_dir), "item_ids": str(ids_path)},
             code_paths=[str(package_dir)],
             pip_requirements=["torch", "numpy", "pyarrow", "pyyaml", "pandas"],
@@ -190,9 +186,8 @@ def register(model_uri: str, name: str, *, alias: str | None = None, tags: dict[
     Raises:
         MlflowException: the store has no Model Registry, or the name or alias is invalid.
     """
-    import mlflow
-
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered ..." lines: callers say it once
+        version = mlflow.register_model(model_uri, name, tags=tags)
     if alias:
         mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
     return RegisteredVersion(name=name, version=int(version.version), alias=alias)
@@ -215,9 +210,6 @@ def publish_run(cfg) -> RegisteredVersion | None:
         The RegisteredVersion, or None: tracking or `tracking.log_model` off, no checkpoint, or
         not registered.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     tracking, run_dir = cfg.tracking, cfg.run.run_dir
     id_file = run_dir / RUN_ID_FILE
     checkpoint_dir = latest_checkpoint(run_dir)

@@ -89,7 +89,7 @@ def _inject_fault(cfg: ExperimentConfig, session: WorkerSession, step: int) -> N
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {victim} at step {step}\n")
-    print(f"[fault injection] killing worker rank {victim} (pid {os.getpid()}) at step {step}", flush=True)
+    session.log(f"[fault injection] killing worker rank {victim} (pid {os.getpid()}) at step {step}")
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -174,9 +174,8 @@ def _train(cfg: ExperimentConfig, session: WorkerSession) -> dict[str, Any]:
             state.history.append(record)
             if is_main:
                 tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-                print(f"epoch {epoch:3d}  loss {loss:.4f}  val {cfg.train.metric} {score:.4f}"
-                      f"{' *' if improved else '  '}  {seconds:6.1f}s  {record['samples_per_second']:,.0f} samples/s",
-                      flush=True)
+                session.log(f"epoch {epoch:3d}  loss {loss:.4f}  val {cfg.train.metric} {score:.4f}"
+                            f"{' *' if improved else '  '}  {seconds:6.1f}s  {record['samples_per_second']:,.0f} samples/s")
             ckpt = _write_epoch_checkpoint(cfg, model, optimizer, state, data, best_weights, score) if is_main else None
             session.report({metric_key(k): v for k, v in record.items()}, ckpt, epoch=epoch)
 
@@ -216,7 +215,7 @@ def _restore(cfg: ExperimentConfig, session: WorkerSession, model: nn.Module, op
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CheckpointError(f"{ckpt.directory}: cannot resume from it: {type(exc).__name__} {why}") from None
         if is_main:
-            print(f"resumed from {ckpt.directory} (next epoch {state.epoch}, step {state.step})", flush=True)
+            session.log(f"resumed from {ckpt.directory} (next epoch {state.epoch}, step {state.step})")
         return state, ckpt.state.get("best_model")
 
 

@@ -43,6 +43,8 @@ class WorkerSession(Protocol):
 
     def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource: ...
 
+    def log(self, line: str) -> None: ...  # a line for the user: printed, and kept in the run log
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda when available, else cpu.
@@ -55,6 +57,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda, but no CUDA device is available here; use train.device=auto or cpu")
     return torch.device(name)
+
+
+RUN_LOG = "train.log"  # in the run directory: every line the run showed its user, all ranks
+
+
+def append_run_log(run_dir: Path, line: str) -> None:
+    """Append one line to the run's log (one write in append mode: lines of several ranks never
+    interleave; on a cluster the run directory is shared storage, as for checkpoints)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOG, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
 
 
 class LocalSession:
@@ -96,3 +109,7 @@ class LocalSession:
 
     def batch_source(self, samples: Windows | None, **kwargs: Any) -> BatchSource:
         return BatchSource(samples, rank=self.rank, world_size=self.world_size, **kwargs)
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        append_run_log(self.run_dir, line)

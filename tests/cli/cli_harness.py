@@ -23,8 +23,8 @@ WS = "{ws}"  # replaced by the workspace directory in argv
 # a tiny EchoMamba4Rec that trains in seconds, in this process, without MLflow
 TINY_TRAIN = (
     "--set", "train.ray=false", "--set", "train.progress=false", "--set", "tracking.enabled=false",
-    "--set", "model.hidden_size=8", "--set", "model.d_state=4", "--set", "model.max_len=10",
-    "--set", "data.max_len=10", "--set", "train.batch_size=64", "--set", "train.eval_batch_size=64",
+    "--set", "model.hidden_size=8", "--set", "model.d_state=4", "--set", "data.max_len=10",
+    "--set", "train.batch_size=64", "--set", "train.eval_batch_size=64",
     "--set", "run.storage_path={ws}/runs",
 )
 

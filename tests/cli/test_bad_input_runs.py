@@ -141,9 +141,9 @@ CASES = [
     Case("train-lr-nan-text", ("train", *TINY_TRAIN, "--set", "train.lr=nan"), 2, r"train\.lr: expected a finite number"),
     Case("train-grad-clip-negative", ("train", *TINY_TRAIN, "--set", "train.grad_clip=-1"), 2,
          r"train\.grad_clip: must be > 0 \(or null: no clipping\), got -1"),
-    Case("train-data-max-len-above-model", ("train", *TINY_TRAIN, "--set", "data.max_len=20",
-                                            "--set", "data.path={ws}/absent"), 2,
-         r"data\.max_len: 20 exceeds model\.max_len=10"),  # refused before the (missing) data is read
+    Case("train-model-max-len-differs-from-data", ("train", *TINY_TRAIN, "--set", "model.max_len=20",
+                                                   "--set", "data.path={ws}/absent"), 2,
+         r"model\.max_len: max_len is set once, as data\.max_len \(now 10\)"),  # refused before the (missing) data is read
     Case("train-device-cuda-without-gpu", ("train", *TINY_TRAIN, "--set", "train.device=cuda",
                                            "--set", "data.path={ws}/absent", "--set", "run.name=new"), 2,
          r"train\.device: cuda, but no CUDA device is available here"),
