@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from echomamba_dist.config import DataSettings, SyntheticConfig
 from echomamba_dist.data.prepare import FORMAT_VERSION, PrepareOptions, prepare_table
+from echomamba_dist.data.synthetic import generate_synthetic
 from echomamba_dist.errors import DataError
 
 # build_synthetic keeps every generated interaction: repeats are part of the signal.
@@ -100,8 +101,6 @@ def build_synthetic(cfg: SyntheticConfig) -> PreparedDataset:
         `PreparedDataset` whose meta has source.format = "synthetic" and the config under
         source.config.
     """
-    from echomamba_dist.data.synthetic import generate_synthetic
-
     options = PrepareOptions(**SYNTHETIC_PREPARE)
     tables = prepare_table(generate_synthetic(cfg), options, source="<synthetic>")
     offsets, items = _csr(tables.sequences.column("items"))

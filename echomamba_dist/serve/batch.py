@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from echomamba_dist.io import atomic_file
-from echomamba_dist.serve.load import LoadedModel, pad_histories, topk_items
+from echomamba_dist.serve.load import LoadedModel, load_model, pad_histories, topk_items
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())])
 
@@ -105,10 +106,6 @@ class BatchScorer:
     """A Ray Data actor: loads the model once, scores batches of histories."""
 
     def __init__(self, checkpoint: str, item_ids: list[str], k: int, exclude_history: bool, use_gpu: bool) -> None:
-        import torch
-
-        from echomamba_dist.serve.load import load_model
-
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.loaded = load_model(checkpoint, device=self.device)
         self.item_ids = item_ids

@@ -17,6 +17,7 @@ import torch
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict
 from echomamba_dist.data.splits import pad_right
 from echomamba_dist.errors import CheckpointError, ConfigError, NonFiniteScores
+from echomamba_dist.models.registry import build_model
 from echomamba_dist.train.checkpoint import (
     CONFIG_FILE,
     META_FILE,
@@ -65,8 +66,6 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", b
     Raises:
         CheckpointError: the path holds no readable checkpoint.
     """
-    from echomamba_dist.models.registry import build_model
-
     found = _read(path, map_location=device)
     ckpt, meta, state = found.directory, found.meta, found.state
     try:

@@ -25,15 +25,17 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from echomamba_dist.errors import CheckpointError
+from echomamba_dist.config import experiment_from_dict, flatten, to_dict
+from echomamba_dist.errors import CheckpointError, ConfigError
+from echomamba_dist.io import atomic_dir
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -49,19 +51,13 @@ def write_checkpoint(
     config: dict[str, Any],
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint into `directory` (which must not exist) atomically.
-
-    The files are written to a temporary sibling directory that is renamed into place, so a
-    crash leaves either a complete checkpoint or none.
+    """Write a checkpoint into `directory` atomically (`io.atomic_dir`): a crash leaves either a
+    complete checkpoint or none; an existing one (an epoch run again) is replaced.
     `extra_state` adds entries (tensors or plain containers) to state.pt, e.g. "best_model".
     Returns the checkpoint directory.
     """
-    import yaml
-
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True, what="checkpoint") as tmp:  # an epoch run again replaces its own
         state = {"model": model_state, "rng": {"torch": torch.get_rng_state()}}
         if optimizer_state is not None:
             state["optimizer"] = optimizer_state
@@ -69,12 +65,6 @@ def write_checkpoint(
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -101,8 +91,6 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: naming the file: missing, not UTF-8 YAML (a `!!python/...` tag
             included: read with `yaml.safe_load`), or not a mapping.
     """
-    import yaml
-
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
@@ -260,8 +248,6 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[tu
     Both configs are full (`to_dict` of an ExperimentConfig), so a key missing from one side
     compares as None.
     """
-    from echomamba_dist.config import flatten
-
     a, b = flatten(saved), flatten(current)
     out = []
     for key in sorted(set(a) | set(b), key=lambda k: (k != "model.name", k)):  # another model: say so first
@@ -278,9 +264,6 @@ def check_resume(ckpt: Checkpoint, cfg: Any, *, fingerprint: str, n_items: int) 
         CheckpointError: naming the checkpoint, the dataset or the differing keys with their old
             and new values, and how to go on (another run.name, or the old settings).
     """
-    from echomamba_dist.config import experiment_from_dict, to_dict
-    from echomamba_dist.errors import ConfigError
-
     how = (f"start a new run with another run.name (e.g. --set run.name={cfg.run.name}-2), "
            "or resume with the checkpoint's settings")
     old_fp, old_items = ckpt.meta.get("dataset_fingerprint"), ckpt.meta.get("n_items")

@@ -8,9 +8,7 @@ Train worker.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +19,7 @@ from torch import nn
 from echomamba_dist.config import ExperimentConfig
 from echomamba_dist.data.splits import Windows
 from echomamba_dist.errors import ConfigError
+from echomamba_dist.io import atomic_dir
 from echomamba_dist.train.batches import BatchSource
 from echomamba_dist.train.checkpoint import prune_checkpoints, run_checkpoints
 
@@ -95,15 +94,10 @@ class LocalSession:
         if checkpoint_dir is None:
             return
         target = self.run_dir / f"epoch_{epoch:06d}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:  # copy beside the target (another filesystem, maybe), then rename: atomic
-            shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+        try:  # copied beside the target (another filesystem, maybe), then renamed: atomic
+            with atomic_dir(target, overwrite=True, what="checkpoint") as staging:
+                shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
         prune_checkpoints(self.run_dir, keep_best=self.cfg.run.keep_checkpoints)
 

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from echomamba_dist import __version__
 from echomamba_dist.config import TrackingConfig, flatten
 from echomamba_dist.io import write_text_atomic
@@ -116,8 +118,6 @@ class Tracker:
             mlflow.log_params(new)
         mlflow.set_tags({"echomamba.version": __version__, "git.commit": git_commit(), **tags})
         with tempfile.TemporaryDirectory() as tmp:
-            import yaml
-
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             mlflow.log_artifact(str(path))

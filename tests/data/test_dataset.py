@@ -22,11 +22,28 @@ def test_build_synthetic_is_a_valid_prepared_dataset():
     assert ds.meta["source"]["format"] == "synthetic"
 
 
-def test_fingerprint_is_stable_and_sensitive():
-    a, b = build_synthetic(SMALL), build_synthetic(SMALL)
-    assert dataset_fingerprint(a) == dataset_fingerprint(b)
-    assert len(dataset_fingerprint(a)) == 16
-    assert dataset_fingerprint(a) != dataset_fingerprint(build_synthetic(SyntheticConfig(n_users=200, n_items=60, n_topics=3, seed=2)))
+def test_fingerprint_follows_the_sequences_only():
+    """Equal sequences give the same id (what resume and evaluate compare); one item changed,
+    two items of a user swapped, or the same items cut into other users give another."""
+    import dataclasses
+
+    import numpy as np
+
+    a = build_synthetic(SMALL)
+    assert dataset_fingerprint(a) == dataset_fingerprint(build_synthetic(SMALL))
+    same_sequences = dataclasses.replace(a, user_ids=np.array([f"other-{u}" for u in a.user_ids], dtype=object))
+    assert dataset_fingerprint(same_sequences) == dataset_fingerprint(a)
+    changed = a.items.copy()
+    changed[5] = changed[5] % a.n_items + 1
+    swapped = a.items.copy()
+    first = int(np.flatnonzero(swapped[1:] != swapped[:-1])[0])  # two neighbours that differ
+    swapped[[first, first + 1]] = swapped[[first + 1, first]]
+    recut = a.offsets.copy()
+    recut[1] += 1  # user 0 takes user 1's first item
+    variants = [dataclasses.replace(a, items=changed), dataclasses.replace(a, items=swapped),
+                dataclasses.replace(a, offsets=recut)]
+    ids = {dataset_fingerprint(a), *map(dataset_fingerprint, variants)}
+    assert len(ids) == 4
 
 
 def test_load_dataset_path_or_synthetic(tmp_path):
