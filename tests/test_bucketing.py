@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from echomamba_dist.models.registry import build_model, model_class, model_config_class
-from echomamba_dist.train.loop import train_per_worker
 from echomamba_dist.train.batches import BatchSource
+from echomamba_dist.train.loop import train_per_worker
 
 N_ITEMS = 30
 MAX_LEN = 12
@@ -149,7 +149,7 @@ def test_bucketed_epochs_visit_every_sample_once(world_size):
     assert orders[0] != orders[1]  # reshuffled every epoch
 
 
-def test_bucketing_groups_lengths_and_keeps_batch_membership_deterministic():
+def test_bucketing_groups_lengths_and_the_seed_only_reorders():
     windows = _windows(n_users=260)
     on = BatchSource(windows, max_len=MAX_LEN, global_batch=64, seed=1, bucketing=True, bucket_window=8)
     off = BatchSource(windows, max_len=MAX_LEN, global_batch=64, seed=1, bucketing=False)
@@ -159,8 +159,35 @@ def test_bucketing_groups_lengths_and_keeps_batch_membership_deterministic():
         return np.mean([np.ptp(lengths[b]) for b in source.batch_indices(0)])
 
     assert spread(on) < 0.5 * spread(off)
-    assert [b.tolist() for b in on.batch_indices(2)] == [b.tolist() for b in on.batch_indices(2)]
     assert on.steps_per_epoch() == off.steps_per_epoch() == len(on.batch_indices(0))
+    other_seed = BatchSource(windows, max_len=MAX_LEN, global_batch=64, seed=2, bucketing=True, bucket_window=8)
+    for source in (on, off, other_seed):  # every sample exactly once an epoch, full batches but the last
+        batches = source.batch_indices(0)
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(windows)))
+        assert sorted(len(b) for b in batches)[1:] == [64] * (len(batches) - 1)
+    assert not np.array_equal(np.concatenate(other_seed.batch_indices(0)), np.concatenate(on.batch_indices(0)))
+
+
+def test_a_restarted_run_and_two_ranks_see_the_batches_of_one_uninterrupted_worker():
+    """The order depends on (seed, epoch) alone: a fresh source at epoch 2 (a resumed run) gives
+    the batches of one that went through epochs 0 and 1, and two ranks together give each step's
+    whole batch, split in halves (the documented exact split)."""
+    windows = _windows(n_users=100)
+    options = {"max_len": MAX_LEN, "global_batch": 32, "seed": 3, "bucketing": True, "bucket_window": 4}
+    cpu = torch.device("cpu")
+    single = BatchSource(windows, **options)
+    for epoch in (0, 1):
+        for _ in single.epoch(epoch, device=cpu):
+            pass
+    whole = list(single.epoch(2, device=cpu))
+    resumed = list(BatchSource(windows, **options).epoch(2, device=cpu))
+    ranks = [list(BatchSource(windows, rank=r, world_size=2, **options).epoch(2, device=cpu)) for r in (0, 1)]
+    assert len(whole) == len(resumed) == len(ranks[0]) == len(ranks[1]) == single.steps_per_epoch()
+    for step, batch in enumerate(whole):
+        assert torch.equal(resumed[step]["target"], batch["target"])
+        halves = torch.cat([ranks[0][step]["target"], ranks[1][step]["target"]])
+        assert torch.equal(halves, batch["target"])  # targets identify samples (see _windows)
+        assert abs(len(ranks[0][step]["target"]) - len(ranks[1][step]["target"])) <= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +211,7 @@ def test_scan_computes_in_fp32_for_bf16_inputs(backend):
     A = -torch.arange(1, n_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # fp32, as Mamba keeps it
     D = torch.ones(d_inner)
     bias = torch.full((d_inner,), -3.0)
-    args = dict(D=D, delta_bias=bias, delta_softplus=True, backend=backend)
+    args = {"D": D, "delta_bias": bias, "delta_softplus": True, "backend": backend}
 
     out_bf16 = selective_scan(u, delta, A, B, C, z=z, **args)
     out_fp32 = selective_scan(u.float(), delta.float(), A, B.float(), C.float(), z=z.float(), **args)
@@ -240,7 +267,7 @@ def test_compiled_training_runs_through_train_per_worker(tmp_path):
     pytest.importorskip("torch._inductor")
     cfg = {
         "data": {"synthetic": {"n_users": 120, "n_items": 40, "n_topics": 4, "mean_length": 8.0}, "max_len": 10},
-        "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8, "max_len": 10},
+        "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8},
         "train": {
             "epochs": 1, "batch_size": 64, "eval_batch_size": 256, "ray": False, "progress": False,
             "device": "cpu", "compile": True, "max_steps_per_epoch": 2,

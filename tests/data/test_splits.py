@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 import pytest
 
 from echomamba_dist.data.splits import (
@@ -108,17 +107,33 @@ def test_pad_helpers():
     assert seq.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]] and n.tolist() == [3, 1, 0]
 
 
-def test_vectorised_on_a_large_log():
-    import time
-
+def test_a_random_log_matches_a_per_user_loop():
+    """The vectorised split and windows against plain per-user Python, on a random log with empty,
+    1-, 2- and 3-item users and sequences longer than max_len."""
     rng = np.random.default_rng(1)
-    lengths = rng.integers(5, 20, size=20000)
+    lengths = rng.integers(0, 15, size=300)
     offsets = np.r_[0, np.cumsum(lengths)]
-    items = rng.integers(1, 1000, size=offsets[-1])
-    start = time.perf_counter()
+    items = rng.integers(1, 60, size=offsets[-1])
+    users = [items[offsets[u] : offsets[u + 1]].tolist() for u in range(len(lengths))]
+    max_len = 6
     s = leave_one_out(offsets, items)
-    for mode in ("prefix", "all_positions"):
-        windows = build_windows(s.train_offsets, s.train_items, mode)
-        window_batch(windows, np.arange(len(windows)), max_len=50)
-    history_matrix(offsets, items, s.test_users, cut=1, max_len=50)
-    assert time.perf_counter() - start < 5.0
+    evaluated = [u for u, seq in enumerate(users) if len(seq) >= 3]
+    train = [seq[:-2] if len(seq) >= 3 else seq for seq in users]
+    assert s.valid_users.tolist() == s.test_users.tolist() == evaluated
+    assert s.valid_target.tolist() == [users[u][-2] for u in evaluated]
+    assert s.test_target.tolist() == [users[u][-1] for u in evaluated]
+    assert s.train_items.tolist() == [i for seq in train for i in seq]
+
+    def padded(seq):
+        seq = seq[-max_len:]
+        return seq + [0] * (max_len - len(seq))
+
+    seq, seq_len, target = rows(prefix_windows(s.train_offsets, s.train_items), max_len)
+    expected = [(padded(t[:k]), min(k, max_len), t[k]) for t in train for k in range(1, len(t))]
+    assert list(zip(seq.tolist(), seq_len.tolist(), target.tolist())) == expected
+    seq, seq_len, target = rows(all_position_windows(s.train_offsets, s.train_items), max_len)
+    expected = [(padded(t[:-1]), min(len(t) - 1, max_len), padded(t[1:])) for t in train if len(t) >= 2]
+    assert list(zip(seq.tolist(), seq_len.tolist(), target.tolist())) == expected
+    seq, seq_len = history_matrix(offsets, items, s.test_users, cut=1, max_len=max_len)
+    assert seq.tolist() == [padded(users[u][:-1]) for u in evaluated]
+    assert seq_len.tolist() == [min(len(users[u]) - 1, max_len) for u in evaluated]

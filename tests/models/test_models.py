@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from echomamba_dist.config import model_config_from_dict, to_dict
+from echomamba_dist.data.splits import build_windows, window_batch
 from echomamba_dist.errors import ConfigError
 from echomamba_dist.models.base import SequentialRecommender, reverse_by_length
 from echomamba_dist.models.echomamba4rec import EchoMamba4Rec, EchoMamba4RecConfig
 from echomamba_dist.models.registry import (
-    COUNT_N_ITEMS,
     MODELS,
     build_model,
-    count_parameters,
     list_models,
+    model_class,
     model_config_class,
 )
 
@@ -136,10 +136,51 @@ def test_all_positions_models_are_causal(name):
     assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
-def test_sample_modes():
-    assert MODELS["echomamba4rec"][0].sample_mode == "prefix"
-    for name in ("sasrec", "gru4rec", "mamba4rec"):
-        assert MODELS[name][0].sample_mode == "all_positions"
+# A training log as the loop sees it: four users' training parts (6, 2, 9 and 4 items).
+LOG_OFFSETS = np.array([0, 6, 8, 17, 21])
+
+
+def _log_batches(rows_of_prefix=None):
+    """The log's samples in both modes, as `window_batch` cuts them: (prefix batch, all-positions
+    batch). `rows_of_prefix`: keep only these prefix samples."""
+    items = np.random.default_rng(7).integers(1, N_ITEMS + 1, size=LOG_OFFSETS[-1])
+    batches = []
+    for mode in ("prefix", "all_positions"):
+        windows = build_windows(LOG_OFFSETS, items, mode)
+        idx = np.arange(len(windows)) if mode == "all_positions" or rows_of_prefix is None else rows_of_prefix(windows)
+        seq, seq_len, target = window_batch(windows, idx, max_len=10)
+        batches.append({"item_seq": torch.from_numpy(seq), "seq_len": torch.from_numpy(seq_len),
+                        "target": torch.from_numpy(target)})  # fmt: skip
+    return batches
+
+
+def _seeded_loss(model, batch):
+    torch.manual_seed(3)  # BERT4Rec draws its masks from torch's generator
+    return model.loss(batch)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_declared_sample_mode_is_what_the_loss_consumes(name):
+    """The loop builds the samples of `sample_mode`. A prefix model takes (B,) targets and cannot
+    take (B, L) ones; a causal all-positions model's loss on one row per user equals the mean over
+    every prefix of those users (the same targets, no look-ahead); BERT4Rec rebuilds each user's
+    whole sequence from its all-positions row, the same as from the user's longest prefix."""
+    model = _build(name).double().eval()  # eval: no dropout, so the two losses are comparable
+    mode = model_class(name).sample_mode
+    prefix, all_positions = _log_batches()
+    assert prefix["target"].dim() == 1 and all_positions["target"].dim() == 2
+    if mode == "prefix":
+        assert torch.isfinite(model.loss(prefix))
+        with pytest.raises(NotImplementedError):
+            model.loss(all_positions)
+        return
+    assert mode == "all_positions"
+    if name in ALL_POSITIONS:
+        torch.testing.assert_close(model.loss(all_positions), model.loss(prefix), rtol=1e-10, atol=1e-10)
+    else:
+        longest, _ = _log_batches(lambda w: np.flatnonzero(np.isin(w.end, LOG_OFFSETS[1:] - 1)))
+        torch.testing.assert_close(_seeded_loss(model, all_positions), _seeded_loss(model, longest), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(_seeded_loss(model, all_positions), _seeded_loss(model, prefix))
 
 
 def test_backward_direction_scans_each_sequence_reversed_then_padding():
@@ -245,7 +286,7 @@ def test_fast_path_trains_as_the_unoptimised_path(tmp_path):
         run_dir = tmp_path / f"fast-{fast_path}"
         config = {
             "data": {"synthetic": {"n_users": 150, "n_items": 50, "n_topics": 4, "mean_length": 9.0}, "max_len": 12},
-            "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8, "max_len": 12, "fast_path": fast_path},
+            "model": {"name": "echomamba4rec", "hidden_size": 16, "d_state": 8, "fast_path": fast_path},
             "train": {"epochs": 3, "batch_size": 128, "eval_batch_size": 256, "seed": 42, "ray": False,
                       "progress": False, "final_test": False},
             "run": {"name": "r", "storage_path": str(run_dir)},
@@ -390,12 +431,25 @@ def test_registry_build_and_list():
     assert isinstance(build_model("gru4rec", 10), MODELS["gru4rec"][0])
     with pytest.raises(TypeError):
         build_model(dataclasses.replace(_config("sasrec"), name="gru4rec"), 10)
-    rows = list_models(n_items=100)
-    assert [r[0] for r in rows] == list(MODELS)
-    for name, mode, n_params in rows:
-        assert mode == MODELS[name][0].sample_mode
-        assert n_params == count_parameters(build_model(name, 100))
-    assert COUNT_N_ITEMS == 12101
+
+
+
+def test_listed_parameter_counts_follow_the_catalogue_and_the_documented_shapes():
+    """Each extra item adds one H = 64 embedding row (BERT4Rec also an output bias), and GRU4Rec,
+    counted by hand, has what its docstring draws. `echomamba models` counts at Amazon-Beauty's
+    12,101 items (paper, Table 1; docs/benchmarks.md quotes these counts)."""
+    small = {name: n for name, _, n in list_models(n_items=100)}
+    large = {name: n for name, _, n in list_models(n_items=300)}
+    assert list(small) == list(MODELS)
+    for name in MODELS:
+        assert large[name] - small[name] == 200 * (64 + (name == "bert4rec")), name
+    hidden = gru = 64
+
+    def gru4rec(n_items):  # embedding, GRU without biases (3 gates), Linear gru -> H
+        return (n_items + 1) * hidden + 3 * gru * (hidden + gru) + (gru * hidden + hidden)
+
+    assert small["gru4rec"] == gru4rec(100)
+    assert {name: n for name, _, n in list_models()}["gru4rec"] == gru4rec(12101)
 
 
 def test_filter_rejects_sequences_longer_than_max_len():
