@@ -174,18 +174,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, key, yaml.safe_load(raw) if raw.strip() else "", where=f"override {item!r}")
     return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, where: str) -> None:
+    """Set `data["a"]["b"] = value` for `key` "a.b", creating missing sections, in place.
+
+    Raises:
+        ConfigError: a part of the key names a value, not a section (`where` says whose key).
+    """
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _deepcopy(data: Any) -> Any:

@@ -248,32 +248,18 @@ class RayShardSource:
     Same interface as `BatchSource` (`steps_per_epoch`, `epoch`).
     """
 
-    def __init__(
-        self,
-        shard,
-        *,
-        mode: str,
-        n_samples: int,
-        max_len: int,
-        global_batch: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        bucketing: bool = False,
-        bucket_window: int = 16,
-        max_steps: int | None = None,
-    ) -> None:
+    def __init__(self, shard, *, mode: str, n_samples: int, global_batch: int, seed: int, rank: int = 0,
+                 world_size: int = 1, max_steps: int | None = None, **options: Any) -> None:
+        """`options`: the other `BatchSource` settings (max_len, bucketing, bucket_window)."""
         self.shard = shard
         self.mode = mode
         self.rank = rank
         self.world_size = world_size
         self.batch_size = global_batch // world_size
         self.rows = n_samples // world_size
-        self.max_len = max_len
         self.seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # another shuffle per rank
-        self.bucketing = bucketing
-        self.bucket_window = bucket_window
         self.max_steps = max_steps
+        self.options = options
 
     def steps_per_epoch(self) -> int:
         """The expected steps (a rank's even share of the samples); an epoch may take fewer."""
@@ -282,10 +268,8 @@ class RayShardSource:
 
     def epoch(self, epoch: int, *, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
         offsets, items = read_csr(self.shard, complete=False)
-        source = BatchSource(
-            build_windows(offsets, items, self.mode), max_len=self.max_len, global_batch=self.batch_size,
-            seed=self.seed, bucketing=self.bucketing, bucket_window=self.bucket_window, max_steps=self.max_steps,
-        )  # fmt: skip
+        source = BatchSource(build_windows(offsets, items, self.mode), global_batch=self.batch_size, seed=self.seed,
+                             max_steps=self.max_steps, **self.options)
         steps = self._fewest(source.steps_per_epoch(), device)
         for step, batch in enumerate(source.epoch(epoch, device=device)):
             if step >= steps:
@@ -294,7 +278,6 @@ class RayShardSource:
 
     def _fewest(self, steps: int, device: torch.device) -> int:
         """The smallest `steps` over all ranks."""
-
         if self.world_size == 1 or not dist.is_initialized():
             return steps
         t = torch.tensor([steps], dtype=torch.int64, device=device)

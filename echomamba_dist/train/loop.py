@@ -27,7 +27,11 @@ from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dic
 from echomamba_dist.errors import CheckpointError, TrainingDiverged
 from echomamba_dist.io import write_json_atomic
 from echomamba_dist.models.registry import build_model
-from echomamba_dist.train.batches import TrainingData, build_training_data
+from echomamba_dist.train.batches import (
+    TrainingData,
+    batch_source_options,
+    build_training_data,
+)
 from echomamba_dist.train.checkpoint import (
     check_resume,
     newest_intact,
@@ -134,10 +138,7 @@ def _train(cfg: ExperimentConfig, session: WorkerSession) -> dict[str, Any]:
     if cfg.train.compile:
         loss_module = torch.compile(loss_module)
     train_module = session.prepare_model(loss_module)
-    source = session.batch_source(
-        data.samples, max_len=cfg.data.max_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-        bucketing=cfg.data.bucketing, max_steps=cfg.train.max_steps_per_epoch,
-    )
+    source = session.batch_source(data.samples, **batch_source_options(cfg))
     autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
     show_progress = is_main and cfg.train.progress and sys.stdout.isatty()
     tracker = Tracker(cfg.tracking, run_dir=cfg.run.run_dir, run_name=cfg.run.name, enabled=is_main)

@@ -52,6 +52,7 @@ from echomamba_dist.config import (
     experiment_from_dict,
     from_dict,
     load,
+    set_dotted,
     to_dict,
 )
 from echomamba_dist.errors import ConfigError
@@ -219,16 +220,7 @@ def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     that e.g. 1e-05 stays a float instead of passing through a YAML string)."""
     out = apply_overrides(base, [])  # a deep copy
     for key, value in params.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"search.{key}: {part} is not a section")
-            node = child
-        node[parts[-1]] = _plain(value)
+        set_dotted(out, key, _plain(value), where=f"search.{key}")
     return out
 
 
