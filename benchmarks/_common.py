@@ -1,12 +1,13 @@
 """Helpers shared by the benchmark scripts: hardware and load, the report's common fields, peak
-memory, atomic JSON, workers, the dataset behind `--data`, and the timed training step that every
-script measures the same way.
+memory, workers, the dataset behind `--data`, a run set up by the library's own pieces, and the
+timed training step that every script measures the same way.
 
 Import it from a script in this directory as `from _common import ...` after putting the
 directory on `sys.path` (scripts run as `python benchmarks/x.py` have it there already; tests
-that load a script with importlib do not). It imports only the standard library at the top; torch
-and the package are imported inside the functions that need them, so a driver process can
-describe the machine without paying for torch.
+that load a script with importlib do not). At the top it imports only the standard library and
+`echomamba_dist.io` (atomic writes, no torch); torch and the rest of the package are imported
+inside the functions that need them, so a driver process can describe the machine without
+paying for torch.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from echomamba_dist.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TABLE3 = {  # Table 3 of the paper: RTX 4090, Video-Games; seconds, GB, seconds
@@ -60,10 +62,13 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def hardware(device: str = "cpu") -> dict[str, Any]:
-    """CPU, cores, memory, GPU (when `device` is cuda) and software versions, for a report."""
+def hardware(device: str = "cpu", *, fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """CPU, cores, memory, GPU (when `device` is cuda; "auto": when there is one) and software
+    versions, for a report; `fields` keeps only those keys (in that order)."""
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
@@ -82,21 +87,21 @@ def hardware(device: str = "cpu") -> dict[str, Any]:
         info["numba"] = numba.__version__
     except ImportError:
         info["numba"] = None
-    return info
+    return info if fields is None else {k: info[k] for k in fields}
 
 
 def git_commit() -> dict[str, Any]:
-    """{"commit": HEAD or None, "dirty": whether the tree has changes}."""
+    """{"commit": HEAD (the library's `tracking.git_commit`) or None, "dirty": whether the tree
+    has uncommitted changes, or None where git cannot say}."""
+    from echomamba_dist.train.tracking import git_commit as head
 
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    commit = head()
+    try:
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = None
+    return {"commit": None if commit == "unknown" else commit, "dirty": dirty}
 
 
 def command_line(script: str | Path, argv: list[str]) -> str:
@@ -111,27 +116,6 @@ def command_line(script: str | Path, argv: list[str]) -> str:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temporary file and a rename: a reader sees the old
-    file or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write `payload` as indented JSON (and a newline) to `path`, atomically."""
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --- the report every script writes --------------------------------------------------------------
@@ -156,7 +140,7 @@ def save_report(report: dict[str, Any], path: Path, started: float) -> None:
     so that an interrupted run keeps what it measured."""
     report["load_average_end"] = load_average()
     report["wall_seconds"] = time.perf_counter() - started
-    write_json_atomic(path, report)
+    write_json_atomic(path, report, sort_keys=False)  # in the order the script built it
 
 
 # --- peak memory ---------------------------------------------------------------------------------
@@ -272,20 +256,15 @@ def sync(device) -> None:
 
 
 def train_step(model, optimizer, batch: dict, *, autocast_dtype=None, loss_module=None) -> float:
-    """One optimizer step as `train_per_worker` takes it (autocast, zero_grad, backward, step).
+    """One optimizer step as `train_per_worker` takes it (`echomamba_dist.train.loop.train_step`).
 
     `loss_module` is what computes the loss (`LossModule(model)`, maybe compiled); returns the loss.
     """
-    import torch
+    from echomamba_dist.train.loop import LossModule
+    from echomamba_dist.train.loop import train_step as loop_step
 
-    device_type = batch["item_seq"].device.type
-    module = loss_module if loss_module is not None else model.loss
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = module(batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    module = loss_module if loss_module is not None else LossModule(model)
+    return loop_step(module, model, optimizer, batch, autocast=autocast_dtype)
 
 
 def sample_batches(source, epoch: int, n: int) -> list[tuple[Any, int]]:
@@ -417,6 +396,29 @@ def inference_batch(eval_set, n_users: int, *, device, seed: int = 0):
     return torch.from_numpy(item_seq).to(device), torch.from_numpy(seq_len).to(device)
 
 
+def scan_inputs(batch: int, d_inner: int, length: int, d_state: int, device, *, seed: int = 0,
+                delta_scale: float = 1.0, a_scale: float = 1.0, random_d: bool = False) -> dict[str, Any]:
+    """Inputs of `selective_scan`, shaped and scaled as the Mamba block feeds it (seeded):
+    u, delta, B, C, z ~ N(0, 1) (delta times `delta_scale`); A = -(1..N) per channel times
+    `a_scale`; D ~ N(0, 1) with `random_d`, else 1; delta_bias = softplus^-1(U(0.001, 0.1)).
+    Plain tensors on `device` (the caller makes them leaves that require grad)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.empty(d_inner).uniform_(0.001, 0.1, generator=g)
+    raw = {
+        "u": torch.randn(batch, d_inner, length, generator=g),
+        "delta": torch.randn(batch, d_inner, length, generator=g) * delta_scale,
+        "A": -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1) * a_scale,
+        "B": torch.randn(batch, d_state, length, generator=g),
+        "C": torch.randn(batch, d_state, length, generator=g),
+    }
+    raw["D"] = torch.randn(d_inner, generator=g) if random_d else torch.ones(d_inner)
+    raw["z"] = torch.randn(batch, d_inner, length, generator=g)
+    raw["delta_bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+    return {k: raw[k].to(device) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
+
+
 # --- the dataset behind `--data` -----------------------------------------------------------------
 
 
@@ -499,13 +501,9 @@ def experiment(
     model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The experiment dict of a benchmark run: the paper's settings (hidden 64, dropout 0.2,
-    Adam 1e-3, batch 2048, max length 50), Ray and tracking off."""
-    from echomamba_dist.models.registry import model_config_class
-
-    fields = model_config_class(model_name).__dataclass_fields__
+    Adam 1e-3, batch 2048, max length 50), Ray and tracking off. `max_len` is the data's, which
+    the model takes."""
     model = {"name": model_name, "hidden_size": 64, "dropout": 0.2, **(model_overrides or {})}
-    if "max_len" in fields:
-        model["max_len"] = max_len
     return {
         "data": {**data_section, "max_len": max_len, "bucketing": bucketing},
         "model": model,
@@ -517,31 +515,44 @@ def experiment(
     }
 
 
-def build_run(config: dict[str, Any], *, data=None):
-    """(cfg, training data, model on its device, Adam, BatchSource) for an experiment dict, set up
-    as `train_per_worker` sets them up (same seeds, same samples, same batches). Pass `data` (a
-    TrainingData of the same dataset, max_len and sample mode) to skip loading it again."""
+def training_data(cfg):
+    """The TrainingData of an ExperimentConfig, loaded as `train_per_worker` loads it (seeded,
+    on the run's own samples, `cfg.sample_mode`)."""
+    from echomamba_dist.train.batches import build_training_data
+    from echomamba_dist.train.loop import seed_everything
+
+    seed_everything(cfg.train.seed)
+    return build_training_data(cfg, cfg.sample_mode)
+
+
+def model_and_optimizer(cfg, n_items: int, device):
+    """(model on `device`, Adam over its parameter groups) for an ExperimentConfig, with the
+    initial weights `train_per_worker` draws (seeded with `train.seed` just before)."""
     import torch
 
-    from echomamba_dist.config import experiment_from_dict
-    from echomamba_dist.models.registry import build_model, model_class
+    from echomamba_dist.models.registry import build_model
     from echomamba_dist.train.loop import seed_everything
-    from echomamba_dist.train.session import resolve_device
-    from echomamba_dist.train.batches import build_training_data
-    from echomamba_dist.train.batches import BatchSource
 
-    cfg = experiment_from_dict(config)
-    device = resolve_device(cfg.train.device)
-    if data is None:
-        data = build_training_data(cfg, model_class(cfg.model_name).sample_mode)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, n_items=data.n_items).to(device)
+    model = build_model(cfg.model, n_items=n_items).to(device)
     optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
-    source = BatchSource(
-        data.samples, max_len=cfg.data.max_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-        bucketing=cfg.data.bucketing,
-        max_steps=cfg.train.max_steps_per_epoch,
-    )  # fmt: skip
+    return model, optimizer
+
+
+def build_run(config, *, data=None):
+    """(cfg, training data, model on its device, Adam, BatchSource) for an experiment dict (or
+    an ExperimentConfig), set up as `train_per_worker` sets them up (same seeds, same samples,
+    same batches). Pass `data` (a TrainingData of the same dataset, max_len and sample mode) to
+    skip loading it again."""
+    from echomamba_dist.config import ExperimentConfig, experiment_from_dict
+    from echomamba_dist.train.batches import BatchSource, batch_source_options
+    from echomamba_dist.train.session import resolve_device
+
+    cfg = config if isinstance(config, ExperimentConfig) else experiment_from_dict(config)
+    if data is None:
+        data = training_data(cfg)
+    model, optimizer = model_and_optimizer(cfg, data.n_items, resolve_device(cfg.train.device))
+    source = BatchSource(data.samples, **batch_source_options(cfg))
     return cfg, data, model, optimizer, source
 
 

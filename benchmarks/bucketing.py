@@ -48,8 +48,9 @@ from _common import (  # noqa: E402
     serve_worker,
     time_epoch,
     warm_up,
-    write_json_atomic,
 )
+
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 MODELS = ["echomamba4rec", "sasrec"]
 DEFAULT_DATA = REPO / "prepared" / "amazon-beauty"
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
             saving = 1 - on["train"]["epoch_seconds"] / off["train"]["epoch_seconds"]
             report["results"][name]["time_saved_fraction"] = saving
             rows.append((name, off, on, saving))
-    write_json_atomic(args.out, report)
+    write_json_atomic(args.out, report, sort_keys=False)
 
     print("\n| model | samples / epoch | steps timed | s / epoch, off | s / epoch, on | saved | padded tokens, off | on | mean width, off | on |")
     print("|---|---|---|---|---|---|---|---|---|---|")

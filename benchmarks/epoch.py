@@ -49,16 +49,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
     build_run,
-    sample_batches,
-    train_step,
     experiment,
     load_average,
     report_header,
     resolve_data,
+    sample_batches,
     save_report,
+    train_step,
     warm_up,
-    write_json_atomic,
 )
+
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 DEFAULT_DATA = REPO / "prepared" / "amazon-beauty"
 DEFAULT_OUT = REPO / "docs" / "results" / "epoch.json"
@@ -95,64 +96,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train_epoch(cfg, model, optimizer, source, *, epoch: int, device) -> dict:
-    """One epoch as `train_per_worker` runs it (world size 1), timed; returns its figures."""
-    import numpy as np
-    import torch
+def train_epoch(cfg, session, model, optimizer, source, *, epoch: int) -> dict:
+    """One epoch as `train_per_worker` runs it (world size 1, the loop's own epoch function over
+    the source's batches), timed; returns its figures."""
 
-    model.train()
-    # the loop's per-epoch dropout seed, so that the losses are the loop's
-    torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, epoch, 0]).generate_state(1)[0]))
+    from echomamba_dist.train.loop import LossModule, TrainState, seed_epoch, train_epoch
+
+    # the loop's per-epoch dropout seed (rank 0), so that the losses are the loop's
+    seed_epoch(cfg.train.seed, epoch, 0)
     load_before = load_average()
+    state = TrainState()
     t0, c0 = time.perf_counter(), time.process_time()
-    loss_sum, steps, samples = 0.0, 0, 0
-    for batch in source.epoch(epoch, device=device):
-        loss = model.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        loss_sum += float(loss.detach())
-        steps += 1
-        samples += int(batch["seq_len"].shape[0])
+    loss, samples, _ = train_epoch(cfg, session, LossModule(model), model, optimizer,
+                                    source.epoch(epoch, device=session.device), state, epoch=epoch,
+                                    autocast=None)  # fmt: skip
     return {
         "epoch": epoch,
         "train_wall_s": time.perf_counter() - t0,
         "train_cpu_s": time.process_time() - c0,
-        "loss": loss_sum / max(steps, 1),
-        "steps": steps,
+        "loss": loss,
+        "steps": state.step,
         "samples": samples,
         "load_average_before": load_before,
     }
 
 
 def validate(cfg, model, data, *, device) -> dict:
-    """`evaluate_model` on the validation split, timed."""
+    """`evaluate_model` on the validation split, with the loop's settings, timed."""
     from echomamba_dist.train.evaluate import evaluate_model
 
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics = evaluate_model(model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device)
+    metrics = evaluate_model(model, data.valid, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size, device=device,
+                             exclude_history=cfg.train.exclude_history)  # fmt: skip
     return {"valid_wall_s": time.perf_counter() - t0, "valid_cpu_s": time.process_time() - c0, "valid": metrics}
 
 
 def untimed_step(model, optimizer, source, *, device) -> None:
     """One training step on copies of the model and optimizer (first-call costs at real sizes)."""
-    import torch
-
-    model = copy.deepcopy(model)
-    optimizer_copy = torch.optim.Adam(model.parameters(), lr=optimizer.defaults["lr"])
-    train_step(model, optimizer_copy, source.to_batch(source.batch_indices(0)[0], device=device))
+    model, optimizer = copy.deepcopy((model, optimizer))  # one copy: the optimizer holds the copy's weights
+    train_step(model, optimizer, source.to_batch(source.batch_indices(0)[0], device=device))
 
 
 def profile_steps(model, optimizer, source, *, steps: int, device, top: int = 15) -> dict:
     """Train copies of `model` and `optimizer` on `steps` batches standing for epoch 0: their CPU
     time (process), the weighted sum as an extrapolated epoch, and a torch.profiler table."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model = copy.deepcopy(model)
-    optimizer_copy = torch.optim.Adam(model.parameters(), lr=optimizer.defaults["lr"])
+    model, optimizer_copy = copy.deepcopy((model, optimizer))  # one copy: the optimizer holds the copy's weights
     picked = sample_batches(source, 0, steps)
     batches = [source.to_batch(idx, device=device) for idx, _ in picked]
     train_step(model, optimizer_copy, batches[0])  # untimed
@@ -232,6 +222,8 @@ def main(argv=None) -> int:
     }
     print(f"{dataset['name']}; {args.threads} threads; load average {report['load_average_start']}", flush=True)
 
+    from echomamba_dist.train.session import LocalSession
+
     device = torch.device("cpu")
     runs, shared = {}, {}
     for run in args.runs:
@@ -242,6 +234,7 @@ def main(argv=None) -> int:
         cfg, data, model, optimizer, source = build_run(config, data=shared.get(model_name))
         shared[model_name] = data
         runs[run] = (cfg, data, model, optimizer, source)
+    sessions = {run: LocalSession(cfg) for run, (cfg, *_) in runs.items()}  # in this process, as the loop
     for model_name, overrides in {RUNS[r][0]: RUNS[r][1] for r in args.runs}.items():
         warm_up(model_name, device, model_overrides=overrides)
     for run, (_, _, model, optimizer, source) in runs.items():
@@ -262,7 +255,7 @@ def main(argv=None) -> int:
     print(f"{'run':<27} {'epoch':>5} {'steps':>5} {'train s':>8} {'cpu s':>8} {'valid s':>8} {'loss':>8}  load")
     for epoch in range(args.epochs):
         for run, (cfg, data, model, optimizer, source) in runs.items():
-            record = train_epoch(cfg, model, optimizer, source, epoch=epoch, device=device)
+            record = train_epoch(cfg, sessions[run], model, optimizer, source, epoch=epoch)
             record.update(validate(cfg, model, data, device=device))
             record["load_average_after"] = load_average()
             report["results"][run].append(record)
@@ -272,7 +265,8 @@ def main(argv=None) -> int:
                   f"{record['valid_wall_s']:8.1f} {record['loss']:8.4f}  {record['load_average_after']}", flush=True)  # fmt: skip
 
     summary = report.get("summary", {})
-    write_json_atomic(args.out, {**report, "load_average_end": load_average(), "wall_seconds": time.perf_counter() - started})
+    write_json_atomic(args.out, {**report, "load_average_end": load_average(), "wall_seconds": time.perf_counter() - started},
+                      sort_keys=False)
     print("\n| run | train s / epoch | CPU s / epoch | validation s |")
     print("|---|---|---|---|")
     for run in (r for r in args.runs if r in summary):

@@ -53,11 +53,13 @@ from _common import (  # noqa: E402
     inference_batch,
     load_average,
     report_header,
+    scan_inputs,
     time_epoch,
     time_inference,
     warm_up,
-    write_json_atomic,
 )
+
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 DEFAULT_DATA = REPO / "prepared" / "amazon-beauty"
 DEFAULT_OUT = REPO / "docs" / "results" / "gpu_check.json"
@@ -120,24 +122,6 @@ def find_or_build_kernels(args: argparse.Namespace, *, cuda: bool) -> dict[str, 
 # --- 2. scan: cuda (or cpu in the smoke) against reference ----------------------------------------
 
 
-def _scan_inputs(batch, d_inner, length, d_state, device, seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.empty(d_inner).uniform_(0.001, 0.1, generator=g)
-    raw = {
-        "u": torch.randn(batch, d_inner, length, generator=g),
-        "delta": torch.randn(batch, d_inner, length, generator=g) * 0.5,
-        "A": -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1) * 0.5,
-        "B": torch.randn(batch, d_state, length, generator=g),
-        "C": torch.randn(batch, d_state, length, generator=g),
-        "D": torch.randn(d_inner, generator=g),
-        "z": torch.randn(batch, d_inner, length, generator=g),
-        "delta_bias": dt + torch.log(-torch.expm1(-dt)),
-    }
-    return {k: v.to(device) for k, v in raw.items()}
-
-
 def _run_scan(inputs, upstream, backend):
     import torch
 
@@ -161,7 +145,7 @@ def check_scan(backend: str, device, shapes) -> dict[str, Any]:
 
     results = []
     for shape in shapes:
-        inputs = _scan_inputs(*shape, device)
+        inputs = scan_inputs(*shape, device, delta_scale=0.5, a_scale=0.5, random_d=True)
         upstream = torch.randn(shape[0], shape[1], shape[2], generator=torch.Generator().manual_seed(1)).to(device)
         out_ref, grads_ref = _run_scan(inputs, upstream, "reference")
         out, grads = _run_scan(inputs, upstream, backend)
@@ -240,7 +224,7 @@ def time_models(args: argparse.Namespace, device, *, deadline: float) -> dict[st
                                 precision=precision)  # fmt: skip
             warm_up(name, device, autocast_dtype=autocast)
             with PeakMemory(cuda) as peak:
-                cfg, data, model, optimizer, source = build_run(config)
+                _, data, model, optimizer, source = build_run(config)
                 train = time_epoch(model, optimizer, source, steps=steps, device=device, autocast_dtype=autocast)
             item_seq, seq_len = inference_batch(data.test, users, device=device)
             infer = time_inference(model, item_seq, seq_len, reps=reps, autocast_dtype=autocast)
@@ -314,7 +298,7 @@ def main(argv=None) -> int:
     def save() -> None:
         report["wall_seconds"] = time.perf_counter() - started
         report["load_average_end"] = load_average()
-        write_json_atomic(args.out, report)
+        write_json_atomic(args.out, report, sort_keys=False)
 
     report["kernels"] = find_or_build_kernels(args, cuda=cuda)
     log(f"kernels: {report['kernels']['status']}" + (f" ({report['kernels'].get('reason')})" if report["kernels"].get("reason") else ""))

@@ -24,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, cpu_model, memory_gib, write_json_atomic  # noqa: E402
+from _common import REPO, command_line, cpu_model, memory_gib  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, experiment_from_dict, to_dict  # noqa: E402
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 
 def bench_config(root: Path, *, name: str, epochs: int, workers: int, gpu: bool, ray: bool) -> ExperimentConfig:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": default.train.batch_size,
         "results": rows,
     }
-    write_json_atomic(args.out, report)
+    write_json_atomic(args.out, report, sort_keys=False)
     print(f"\nload average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} CPUs)")
     print("| setup | threads per worker | samples/s (median, epochs 1..) |")
     print("|---|---|---|")

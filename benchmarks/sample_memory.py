@@ -57,14 +57,16 @@ from _common import (  # noqa: E402
     PeakMemory,
     experiment,
     load_average,
+    model_and_optimizer,
     report_header,
     rss_kib,
     run_worker,
     save_report,
     serve_worker,
     train_step,
-    write_json_atomic,
 )
+
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / "docs" / "results" / "sample_memory.json"
 DEFAULT_WORK = Path("/tmp/issue18")
@@ -149,12 +151,11 @@ def dense_source(windows, max_len: int, **kwargs):
 def build_source(cfg, kind: str, dataset, *, rank: int = 0, world_size: int = 1):
     """leave_one_out + the training source of `kind` for `cfg`, as the loop builds it."""
     from echomamba_dist.data.splits import build_windows, leave_one_out
-    from echomamba_dist.train.batches import BatchSource
+    from echomamba_dist.train.batches import BatchSource, batch_source_options
 
     loo = leave_one_out(dataset.offsets, dataset.items)
     windows = build_windows(loo.train_offsets, loo.train_items, cfg.sample_mode)
-    kwargs = {"max_len": cfg.data.max_len, "global_batch": cfg.train.batch_size, "seed": cfg.train.seed,
-              "rank": rank, "world_size": world_size, "bucketing": cfg.data.bucketing}  # fmt: skip
+    kwargs = {**batch_source_options(cfg), "rank": rank, "world_size": world_size}
     return BatchSource(windows, **kwargs) if kind == "windows" else dense_source(windows, **kwargs)
 
 
@@ -180,25 +181,22 @@ def _mib(kib: int | None) -> float | None:
 
 
 def run_steps(module, model, optimizer, source, steps: int, device) -> dict[str, Any]:
-    """`steps` optimizer steps over the source's epochs (one untimed warm-up step first)."""
-    import numpy as np
-
+    """`steps` optimizer steps over the source's epochs (`source.epoch`, this rank's batches; one
+    untimed warm-up step first). The batch build time is the time to draw each batch."""
     model.train()
-    first = source.to_batch(source.batch_indices(0)[0][: source.global_batch // source.world_size], device=device)
-    train_step(model, optimizer, first, loss_module=module)
+    train_step(model, optimizer, next(source.epoch(0, device=device)), loss_module=module)
     cut = 0.0
     done = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     epoch = 0
     while done < steps:
-        for idx in source.batch_indices(epoch):
-            if done >= steps:
-                break
-            if len(idx) < source.world_size:
-                continue  # as `BatchSource.epoch`
+        batches = source.epoch(epoch, device=device)
+        while done < steps:
             t0 = time.perf_counter()
-            batch = source.to_batch(np.array_split(idx, source.world_size)[source.rank], device=device)
+            batch = next(batches, None)
             cut += time.perf_counter() - t0
+            if batch is None:
+                break
             train_step(model, optimizer, batch, loss_module=module)
             done += 1
         epoch += 1
@@ -240,13 +238,11 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["source_peak_over_dataset"] = peak.mib / result["dataset_mib"]
     if case == "train-1":
-        from echomamba_dist.models.registry import build_model
-        from echomamba_dist.train.loop import LossModule, seed_everything
+        from echomamba_dist.train.loop import LossModule
 
-        seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, n_items=dataset.n_items)
-        optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
-        result |= run_steps(LossModule(model), model, optimizer, source, args.steps, torch.device("cpu"))
+        device = torch.device("cpu")
+        model, optimizer = model_and_optimizer(cfg, dataset.n_items, device)
+        result |= run_steps(LossModule(model), model, optimizer, source, args.steps, device)
     result["process_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -254,30 +250,24 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 def _ray_train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the source, take the steps, write this rank's figures."""
     import ray.train
-    import torch
 
     from echomamba_dist.config import experiment_from_dict
     from echomamba_dist.data.dataset import load_prepared
-    from echomamba_dist.models.registry import build_model
     from echomamba_dist.distributed.trainer import RaySession
-    from echomamba_dist.train.loop import LossModule, seed_everything
+    from echomamba_dist.train.batches import batch_source_options
+    from echomamba_dist.train.loop import LossModule
 
     cfg = experiment_from_dict(config["experiment"])
     session = RaySession(cfg)
     before = _mib(rss_kib("VmRSS"))
     with PeakMemory(cuda=False) as peak:
         if config["kind"] == "windows":  # the library's path: CSR shards from Ray Data
-            source = session.batch_source(
-                None, max_len=cfg.data.max_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-                bucketing=cfg.data.bucketing,
-            )  # fmt: skip
+            source = session.batch_source(None, **batch_source_options(cfg))
         else:
             source = build_source(cfg, "dense", load_prepared(cfg.data.path), rank=session.rank, world_size=session.world_size)
         touch(source)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, n_items=config["n_items"])
-    module = session.prepare_model(LossModule(model))
-    optimizer = torch.optim.Adam(model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr)
+    model, optimizer = model_and_optimizer(cfg, config["n_items"], session.device)
+    module = session.prepare_model(LossModule(model))  # DDP, as the loop prepares it
     figures = run_steps(module, model, optimizer, source, config["steps"], session.device)
     figures |= {
         "rank": session.rank, "samples": source.n, "rss_before_mib": before, "source_peak_added_mib": peak.mib,
@@ -428,7 +418,7 @@ def main(argv=None) -> int:
         save_report(report, args.out, started)
         print(f"{case}: " + ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in result.items() if not isinstance(v, (list, dict))), flush=True)  # fmt: skip
-    write_json_atomic(args.out, report)
+    write_json_atomic(args.out, report, sort_keys=False)
     print(table(report))
     return 0
 

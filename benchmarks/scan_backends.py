@@ -22,11 +22,9 @@ software versions, load average, the command and the date.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,11 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, load_average, memory_gib, repo_env, serve_worker, utc_now  # noqa: E402
-from _common import cpu_model as _cpu_model  # noqa: E402  (shared with the other benchmarks)
-from _common import reset_peak_rss as _reset_peak_rss  # noqa: E402
-from _common import rss_kib as _rss_kib  # noqa: E402
-from _common import write_json_atomic as _write_json_atomic  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    PeakMemory,
+    command_line,
+    cpu_model,
+    load_average,
+    memory_gib,
+    run_worker,
+    scan_inputs,
+    serve_worker,
+    utc_now,
+)
+
+from echomamba_dist.io import write_json_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / "docs" / "results" / "scan_backends.json"
 
@@ -47,26 +54,9 @@ DEFAULT_OUT = REPO / "docs" / "results" / "scan_backends.json"
 # --- measurement (runs inside a worker subprocess) ----------------------------------------------
 
 
-def _scan_inputs(batch, length, d_inner, d_state, device, seed=0):
-    """Inputs shaped and scaled as the Mamba block feeds the scan."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(t):
-        return t.to(device).requires_grad_()
-
-    dt_init = torch.empty(d_inner).uniform_(0.001, 0.1, generator=g)
-    return dict(
-        u=leaf(torch.randn(batch, d_inner, length, generator=g)),
-        delta=leaf(torch.randn(batch, d_inner, length, generator=g)),
-        A=leaf(-torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)),
-        B=leaf(torch.randn(batch, d_state, length, generator=g)),
-        C=leaf(torch.randn(batch, d_state, length, generator=g)),
-        D=leaf(torch.ones(d_inner)),
-        z=leaf(torch.randn(batch, d_inner, length, generator=g)),
-        delta_bias=leaf(dt_init + torch.log(-torch.expm1(-dt_init))),  # softplus^-1(dt_init)
-    )
+def _leaves(batch, length, d_inner, d_state, device):
+    """`scan_inputs` (D = 1, unscaled) as leaf tensors that require grad, as in the Mamba block."""
+    return {k: v.requires_grad_() for k, v in scan_inputs(batch, d_inner, length, d_state, device).items()}
 
 
 def _measure(step, reps, cuda):
@@ -77,25 +67,8 @@ def _measure(step, reps, cuda):
         if cuda:
             torch.cuda.synchronize()
 
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(cuda) as peak:
         step()
-        sync()
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        reset = _reset_peak_rss()
-        base_kib = _rss_kib("VmRSS")
-        step()
-        if reset and base_kib is not None:
-            peak_mib = (_rss_kib("VmHWM") - base_kib) / 1024
-            method = "VmHWM after clear_refs=5, minus VmRSS before"
-        else:
-            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak_mib = (maxrss - (base_kib or 0)) / 1024
-            method = "ru_maxrss minus VmRSS before"
     fwd, total, cpu = [], [], []
     for _ in range(reps):
         sync()
@@ -110,8 +83,8 @@ def _measure(step, reps, cuda):
         "bwd_s": statistics.median(t - f for t, f in zip(total, fwd)),
         "fwd_bwd_all_s": total,
         "cpu_time_s": statistics.median(cpu),
-        "peak_mib": peak_mib,
-        "memory_method": method,
+        "peak_mib": peak.mib,
+        "memory_method": peak.method,
     }
 
 
@@ -136,8 +109,8 @@ def _worker_scan(args) -> dict:
         y.backward(torch.ones_like(y))
         return fwd
 
-    run(_scan_inputs(2, 5, 3, 4, device))  # warm-up: Numba cache load / compile, CUDA context
-    x = _scan_inputs(args.batch, args.length, args.d_inner, args.d_state, device)
+    run(_leaves(2, 5, 3, 4, device))  # warm-up: Numba cache load / compile, CUDA context
+    x = _leaves(args.batch, args.length, args.d_inner, args.d_state, device)
     return _measure(lambda: run(x), args.reps, cuda)
 
 
@@ -187,12 +160,9 @@ def _spawn(kind: str, backend: str, args) -> dict:
            "--reps", str(args.reps), "--batch", str(args.batch), "--length", str(args.length),
            "--d-inner", str(args.d_inner), "--d-state", str(args.d_state),
            "--threads", str(args.threads or 0)]  # fmt: skip
-    load_before = os.getloadavg()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=repo_env())
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind}/{backend} worker failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["load_average_1m_before"] = round(load_before[0], 2)
+    load_before = load_average()
+    result = run_worker(cmd)
+    result["load_average_1m_before"] = load_before[0]
     return result
 
 
@@ -292,7 +262,7 @@ def main(argv=None) -> int:
         "command": command_line(__file__, sys.argv[1:]),
         "date": utc_now(),
         "hardware": {
-            "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "memory_gib": memory_gib(), "gpu": gpu or None,
+            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "memory_gib": memory_gib(), "gpu": gpu or None,
         },  # fmt: skip
         "software": {
             "python": platform.python_version(),
@@ -311,7 +281,7 @@ def main(argv=None) -> int:
         "ratios": ratios,
         "mamba_block": block,
     }
-    _write_json_atomic(args.out, payload)
+    write_json_atomic(args.out, payload, sort_keys=False)
     print(f"wrote {os.path.relpath(args.out, REPO) if args.out.is_absolute() else args.out}")
     return 0
 

@@ -45,7 +45,9 @@ from echomamba_dist.io import atomic_file  # noqa: E402
 from _common import (  # noqa: E402
     REPO,
     PeakMemory,
+    experiment,
     load_average,
+    model_and_optimizer,
     report_header,
     rss_kib,
     run_worker,
@@ -108,7 +110,7 @@ class Watchdog:
 def _worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from echomamba_dist.models.registry import build_model, model_class, model_config_class
+    from echomamba_dist.config import experiment_from_dict
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,19 +121,19 @@ def _worker(args: argparse.Namespace) -> dict:
     warm_up(args.worker, device, autocast_dtype=autocast)
 
     length, batch_size = args.length, args.batch
+    # the paper's settings with max_len = L; seed 0; no dataset is read (the batch is synthetic)
+    cfg = experiment_from_dict(experiment(args.worker, {}, max_len=length, device=args.device, seed=0))
     g = torch.Generator().manual_seed(0)
     item_seq = torch.randint(1, args.n_items + 1, (batch_size, length), generator=g)
     seq_len = torch.full((batch_size,), length)
-    if model_class(args.worker).sample_mode == "prefix":
+    if cfg.sample_mode == "prefix":
         target = torch.randint(1, args.n_items + 1, (batch_size,), generator=g)  # (B,)
     else:
         target = torch.randint(1, args.n_items + 1, (batch_size, length), generator=g)  # (B, L)
     batch = {k: v.to(device) for k, v in {"item_seq": item_seq, "seq_len": seq_len, "target": target}.items()}
 
-    torch.manual_seed(0)
-    cfg = model_config_class(args.worker)(hidden_size=64, dropout=0.2, max_len=length)
-    model = build_model(cfg, args.n_items).to(device).train()
-    optimizer = torch.optim.Adam(model.param_groups(0.0), lr=1e-3)
+    model, optimizer = model_and_optimizer(cfg, args.n_items, device)
+    model.train()
     load_before = load_average()
 
     dog.step_started = time.perf_counter()

@@ -58,8 +58,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, git_commit, resolve_data, shown_path, utc_now, write_text_atomic  # noqa: E402
-from _common import hardware as _hardware  # noqa: E402
+from _common import REPO, git_commit, hardware, resolve_data, shown_path, utc_now  # noqa: E402
+
+from echomamba_dist.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 MODEL_ORDER = [
     "narm",
@@ -236,7 +237,7 @@ def train_one(cfg: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
     start = time.perf_counter()
     result = train_per_worker(cfg)
     record = run_record(run_dir, cfg, result) | {"wall_seconds_this_session": time.perf_counter() - start}
-    write_text_atomic(record_file, json.dumps(record, indent=2, sort_keys=True))
+    write_json_atomic(record_file, record)
     return {**record, "reused": False}
 
 
@@ -455,24 +456,6 @@ def variant_study(runs: dict[str, list[dict[str, Any]] | None], *, budget: int |
         if budget else "validation NDCG@10, mean over seeds"
     )
     return {"summary": summary, "best": best, "chosen_on": chosen_on, "budget_epochs": budget}
-
-
-# ----------------------------------------------------------------------------------------------
-# Provenance
-
-
-# The hardware fields of a Table 2 report: those of `_common.hardware` less memory, CUDA and
-# Numba versions (kept as they were, so that reports stay comparable).
-HARDWARE_FIELDS = ("cpu", "cpu_cores", "cpu_cores_usable", "torch_threads", "device", "torch", "python", "platform")
-
-
-def hardware(device: str) -> dict[str, Any]:
-    """The machine, for the report; `device` "auto" means the GPU when there is one."""
-    import torch
-
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    info = _hardware("cuda" if use_cuda else "cpu")
-    return {k: info[k] for k in HARDWARE_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,10 +786,15 @@ def collect_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise SystemExit("--variant-epochs: no EchoMamba4Rec variant runs among the run directories")
     report["targets"] = _targets(report["summary"], key)
     markdown = render_markdown(report)
-    write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
+    write_json_atomic(args.out, report, sort_keys=False)
     write_text_atomic(args.out.with_suffix(".md"), markdown)
     print(markdown)
     return 0
+
+
+# The hardware fields of a Table 2 report: those of `_common.hardware` less memory, CUDA and
+# Numba versions (kept as they were, so that reports stay comparable).
+HARDWARE_FIELDS = ("cpu", "cpu_cores", "cpu_cores_usable", "torch_threads", "device", "torch", "python", "platform")
 
 
 def provenance(argv: list[str] | None, key: str | None, *, device: str) -> dict[str, Any]:
@@ -816,7 +804,7 @@ def provenance(argv: list[str] | None, key: str | None, *, device: str) -> dict[
         "command": " ".join(shown_path(w) if Path(w).is_absolute() else w for w in words),
         "date": utc_now(),
         "git": git_commit(),
-        "hardware": hardware(device),
+        "hardware": hardware(device, fields=HARDWARE_FIELDS),
         "paper": {"citation": PAPER_CITATION, "numbers": {k: dict(zip(METRICS, v)) for k, v in PAPER.get(key or "", {}).items()}},
     }
 
@@ -843,7 +831,7 @@ def _finish(report: dict[str, Any], records: dict[str, list[dict[str, Any]]], ar
     key = report["paper_dataset"]
     report["targets"] = _targets(summary, key)
     report["wall_seconds"] = time.perf_counter() - started
-    write_text_atomic(args.out, json.dumps(report, indent=2, sort_keys=False, default=float))
+    write_json_atomic(args.out, report, sort_keys=False)
     write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
 
 

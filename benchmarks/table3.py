@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
     serve_worker,
     time_epoch,
     time_inference,
+    training_data,
     warm_up,
 )
 
@@ -72,6 +73,7 @@ SMOKE = {"max_len": 20, "batch_size": 64, "users": 100}
 def _worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from echomamba_dist.config import experiment_from_dict
     from echomamba_dist.models.registry import count_parameters
 
     if args.threads:
@@ -80,22 +82,17 @@ def _worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     cuda = device.type == "cuda"
-    config = experiment(
+    cfg = experiment_from_dict(experiment(
         args.model, data_section, max_len=args.max_len, batch_size=args.batch_size,
         device=args.device, precision=args.precision,
-    )  # fmt: skip
-
-    from echomamba_dist.config import experiment_from_dict
-    from echomamba_dist.models.registry import model_class
-    from echomamba_dist.train.batches import build_training_data
-
-    data = build_training_data(experiment_from_dict(config), model_class(args.model).sample_mode)
+    ))  # fmt: skip
+    data = training_data(cfg)  # loaded before the memory is measured
     warm_up(args.model, device, autocast_dtype=autocast)
     load_before = load_average()
     c0 = time.process_time()
 
     with PeakMemory(cuda) as train_peak:
-        cfg, data, model, optimizer, source = build_run(config, data=data)
+        _, _, model, optimizer, source = build_run(cfg, data=data)
         train = time_epoch(model, optimizer, source, steps=args.steps, device=device, autocast_dtype=autocast)
     train_cpu = time.process_time() - c0
 

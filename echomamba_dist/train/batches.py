@@ -133,3 +133,15 @@ class BatchSource:
         item_seq, seq_len, target = window_batch(self.windows, idx, max_len=self.max_len, trim=self.bucketing)
         batch = {"item_seq": item_seq, "seq_len": seq_len, "target": target}
         return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_source_options(cfg: ExperimentConfig) -> dict:
+    """The `BatchSource` settings of `cfg` (max_len, global batch, seed, bucketing, step cap), as
+    keyword arguments for `BatchSource(samples, **...)` or a session's `batch_source`."""
+    return {
+        "max_len": cfg.data.max_len,
+        "global_batch": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+        "bucketing": cfg.data.bucketing,
+        "max_steps": cfg.train.max_steps_per_epoch,
+    }

@@ -150,12 +150,10 @@ def _train(cfg: ExperimentConfig, session: WorkerSession) -> dict[str, Any]:
         for epoch in _progress(epochs, total=len(epochs), desc="epochs", enabled=show_progress):
             if state.bad_epochs >= cfg.train.patience > 0:
                 break
-            # dropout depends only on (seed, epoch, rank), so a run resumed on any rank draws
-            # what the uninterrupted run drew (only rank 0's RNG state is in the checkpoint)
-            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, epoch, session.rank]).generate_state(1)[0]))
+            seed_epoch(cfg.train.seed, epoch, session.rank)
             batches = _progress(source.epoch(epoch, device=device), total=source.steps_per_epoch(),
                                 desc=f"epoch {epoch}", enabled=show_progress)
-            loss, samples, seconds = _train_epoch(cfg, session, train_module, model, optimizer, batches, state,
+            loss, samples, seconds = train_epoch(cfg, session, train_module, model, optimizer, batches, state,
                                                   epoch=epoch, autocast=autocast)
             train_seconds += seconds
             valid = _validate(cfg, session, model, data, epoch=epoch, step=state.step, autocast=autocast)
@@ -220,9 +218,36 @@ def _restore(cfg: ExperimentConfig, session: WorkerSession, model: nn.Module, op
         return state, ckpt.state.get("best_model")
 
 
-def _train_epoch(cfg, session, train_module, model, optimizer, batches, state: TrainState, *, epoch: int,
-                 autocast) -> tuple[float, int, float]:
-    """One epoch of optimizer steps. Returns (mean loss, samples on this rank, seconds).
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch for one epoch of one rank: dropout depends only on (seed, epoch, rank), so a run
+    resumed on any rank draws what the uninterrupted run drew (only rank 0's RNG state is in the
+    checkpoint)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def train_step(train_module: nn.Module, model: nn.Module, optimizer, batch: dict[str, torch.Tensor], *,
+               grad_clip: float | None = None, autocast: torch.dtype | None = None) -> float:
+    """One optimizer step on `batch` (autocast, zero_grad, backward, clip, step); returns the loss.
+
+    A non-finite loss takes no step: the caller sees it and stops before it reaches the weights.
+    """
+    device_type = batch["item_seq"].device.type
+    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = train_module(batch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return value
+
+
+def train_epoch(cfg: ExperimentConfig, session: WorkerSession, train_module: nn.Module, model: nn.Module, optimizer,
+                batches, state: TrainState, *, epoch: int, autocast: torch.dtype | None) -> tuple[float, int, float]:
+    """One epoch of optimizer steps over `batches`. Returns (mean loss, samples on this rank, seconds).
 
     Raises:
         TrainingDiverged: a non-finite loss, before its step reaches the weights.
@@ -230,19 +255,11 @@ def _train_epoch(cfg, session, train_module, model, optimizer, batches, state: T
     model.train()
     t0 = time.perf_counter()
     loss_sum, steps, samples = 0.0, 0, 0
-    device = session.device
     for batch in batches:
         _inject_fault(cfg, session, state.step)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss = train_module(batch)
-        value = float(loss.detach())
+        value = train_step(train_module, model, optimizer, batch, grad_clip=cfg.train.grad_clip, autocast=autocast)
         if not math.isfinite(value):
             raise _diverged(cfg, f"the training loss is {value}", epoch=epoch, step=state.step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
         state.step += 1
         loss_sum, steps, samples = loss_sum + value, steps + 1, samples + int(batch["seq_len"].shape[0])
     return loss_sum / max(steps, 1), samples, time.perf_counter() - t0
