@@ -33,11 +33,13 @@ import functools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -296,6 +298,22 @@ def ray_train_entry(config: dict[str, Any], *, train_samples: int | None = None)
     except TrainingDiverged as exc:
         write_text_atomic(marker, f"{exc}\n")
         raise
+    except Exception as exc:
+        if _survives_pickling(exc):
+            raise
+        # Ray sends the exception to the driver pickled; one that cannot be rebuilt there (e.g.
+        # MLflow's UnsupportedModelRegistryStoreURIException) would arrive as Ray's own
+        # deserialization error, without its message or this worker's traceback
+        raise WorkerError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}\n\n{traceback.format_exc()}") from None
+
+
+def _survives_pickling(exc: BaseException) -> bool:
+    """Whether `exc` comes back from pickle (what Ray does with a worker's exception)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -227,3 +227,35 @@ def test_ray_sharding_mode_splits_the_dataset_and_trains(local_ray, tmp_path):
     per_rank_batches = math.ceil((count_train_samples(cfg, "prefix") // 2) / (128 // 2))
     assert 2 * (per_rank_batches - 2) <= result["steps"] <= 2 * per_rank_batches and result["epochs_run"] == 2
     assert result["test_users"] == 200 and 0 < result["test"]["ndcg@10"] <= 1
+
+
+def test_an_exception_that_pickle_cannot_rebuild_is_sent_as_a_worker_error(monkeypatch, tmp_path):
+    """Ray ships a worker's exception pickled; one that does not come back (MLflow's registry
+    exception needs an argument its pickled form lacks) is replaced by a WorkerError that keeps
+    its type, message and the worker's traceback."""
+    import pickle
+
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    from echomamba_dist.distributed import trainer
+    from echomamba_dist.errors import WorkerError
+
+    def fails(config, session):
+        raise UnsupportedModelRegistryStoreURIException("nosuchscheme://nowhere", ["sqlite"])
+
+    monkeypatch.setattr(trainer, "train_per_worker", fails)
+    monkeypatch.setattr(trainer, "RaySession", lambda cfg, train_samples=None: None)
+    config = {"run": {"name": "r", "storage_path": str(tmp_path)}, "tracking": {"enabled": False}}
+    with pytest.raises(WorkerError) as info:
+        trainer.ray_train_entry(config)
+    text = str(info.value)
+    assert text.startswith("mlflow.tracking.registry.UnsupportedModelRegistryStoreURIException:")
+    assert "nosuchscheme://nowhere" in text and "in fails" in text  # the message and the worker's frame
+    assert str(pickle.loads(pickle.dumps(info.value))) == text  # and it reaches the driver whole
+
+    def raises_plainly(config, session):
+        raise ValueError("an ordinary error")  # pickles: passed on as it is
+
+    monkeypatch.setattr(trainer, "train_per_worker", raises_plainly)
+    with pytest.raises(ValueError, match="an ordinary error"):
+        trainer.ray_train_entry(config)
