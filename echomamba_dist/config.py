@@ -376,6 +376,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.model is None or isinstance(self.model, dict):
             self.model = model_config_from_dict(_model_section(self.model or {}, self.data.max_len), prefix="model")
+        elif not hasattr(self.model, "name"):
+            raise ConfigError(f"model: expected a mapping with a model name, got {self.model!r}")
         if hasattr(self.model, "max_len"):  # max_len is set once, in data: the model takes it
             self.model.max_len = self.data.max_len
 
@@ -422,12 +424,7 @@ def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    data = dict(data)
-    model_data = data.pop("model", None) or {}
-    cfg = from_dict(ExperimentConfig, data)
-    cfg.model = model_config_from_dict(_model_section(model_data, cfg.data.max_len), prefix="model")
-    if hasattr(cfg.model, "max_len"):
-        cfg.model.max_len = cfg.data.max_len
+    cfg = from_dict(ExperimentConfig, data)  # __post_init__ parses the model section, with data.max_len
     cfg.check()
     return cfg
 

@@ -31,6 +31,7 @@ from echomamba_dist.distributed import ray_compat
 
 OUTPUT_ENV_VAR = "ECHOMAMBA_RAY_OUTPUT"  # "1": show Ray's own output (workers' output, Ray's warnings)
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,9 +80,3 @@ def quiet_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def shutdown() -> None:
-    """Stop the local Ray of this process (or disconnect from the cluster)."""
-    if ray.is_initialized():
-        ray.shutdown()

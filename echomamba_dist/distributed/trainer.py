@@ -66,7 +66,7 @@ from echomamba_dist.train.batches import BatchSource
 from echomamba_dist.train.checkpoint import check_resume, newest_intact, run_checkpoints
 from echomamba_dist.train.loop import METRICS_FILE, train_per_worker
 from echomamba_dist.train.runlock import RunLock
-from echomamba_dist.train.session import RUN_LOG, append_run_log
+from echomamba_dist.train.session import RUN_LOG, log_line
 from echomamba_dist.train.tracking import metric_key
 
 TRAIN_DATASET = "train"
@@ -89,7 +89,6 @@ class RaySession:
     local_samples = False  # the training samples come from Ray Data, not from the loop
 
     def __init__(self, cfg: ExperimentConfig, *, train_samples: int | None = None) -> None:
-
         ctx = ray.train.get_context()
         self.cfg = cfg
         self.train_samples = train_samples
@@ -104,17 +103,14 @@ class RaySession:
 
     def log(self, line: str) -> None:
         """The driver shows the run log's lines (`follow_run_log`); worker output stays in Ray's logs."""
-        print(line, flush=True)
-        append_run_log(self.cfg.run.run_dir, line)
+        log_line(self.cfg.run.run_dir, line)
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
-
         return ray.train.torch.prepare_model(module, move_to_device=self.device)
 
     def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
             return sums
-
         keys = sorted(sums)  # the same order on every rank, whatever order the dict was built in
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -125,7 +121,6 @@ class RaySession:
     def restore_dir(self):
         # `fit` hides earlier checkpoints from Ray when run.resume is false, so whatever Ray
         # offers here belongs to this run (a restart after a worker failure included)
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             yield []
@@ -136,7 +131,6 @@ class RaySession:
             yield [Path(d), *older]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, *, epoch: int) -> None:
-
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}
         if checkpoint_dir is not None:
             ray.train.report(

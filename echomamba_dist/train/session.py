@@ -61,9 +61,11 @@ def resolve_device(name: str) -> torch.device:
 RUN_LOG = "train.log"  # in the run directory: every line the run showed its user, all ranks
 
 
-def append_run_log(run_dir: Path, line: str) -> None:
-    """Append one line to the run's log (one write in append mode: lines of several ranks never
-    interleave; on a cluster the run directory is shared storage, as for checkpoints)."""
+def log_line(run_dir: Path, line: str) -> None:
+    """Print a line for the user and append it to the run's log (one write in append mode: lines
+    of several ranks never interleave; on a cluster the run directory is shared storage, as for
+    checkpoints). What every session's `log` does."""
+    print(line, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / RUN_LOG, "a", encoding="utf-8") as handle:
         handle.write(line.rstrip("\n") + "\n")
@@ -105,5 +107,4 @@ class LocalSession:
         return BatchSource(samples, rank=self.rank, world_size=self.world_size, **kwargs)
 
     def log(self, line: str) -> None:
-        print(line, flush=True)
-        append_run_log(self.run_dir, line)
+        log_line(self.run_dir, line)
