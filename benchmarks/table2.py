@@ -204,6 +204,8 @@ def run_config(
     }
     if cfg_samples(model, args) == "prefix":
         train["samples"] = "prefix"  # RecBole's augmentation, as the paper's baselines were trained
+        if model == "bert4rec":
+            model_section.setdefault("masking", "append")  # RecBole's BERT4Rec: mask at the end + random
     return {
         "data": {**data, "max_len": max_len},
         "model": model_section,
@@ -642,8 +644,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument(
         "--samples", default="auto", choices=["auto", "prefix"],
-        help="prefix: causal models (SASRec, GRU4Rec, Mamba4Rec) train on every prefix as a row, as "
-        "RecBole trained the paper's baselines; BERT4Rec and the prefix models are unchanged",
+        help="prefix: the all-positions models (SASRec, GRU4Rec, Mamba4Rec, BERT4Rec) train on every "
+        "prefix as a row, as RecBole trained the paper's baselines (BERT4Rec with masking=append: the "
+        "target masked at the end plus random masking); the prefix models are unchanged",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--runs", type=Path, default=None, help="run directories (default runs/table2/<dataset>)")

@@ -149,8 +149,11 @@ def test_train_samples_must_suit_the_model():
     assert experiment_from_dict({"train": {"samples": "prefix"}}).sample_mode == "prefix"  # EchoMamba4Rec's own
     with pytest.raises(ConfigError, match="train.samples: echomamba4rec trains on prefix samples, not all_positions"):
         experiment_from_dict({"train": {"samples": "all_positions"}})
-    with pytest.raises(ConfigError, match="train.samples: bert4rec trains on all_positions samples, not prefix"):
-        experiment_from_dict({"model": {"name": "bert4rec"}, "train": {"samples": "prefix"}})
+    with pytest.raises(ConfigError, match="train.samples: bimamba4rec trains on prefix samples, not all_positions"):
+        experiment_from_dict({"model": {"name": "bimamba4rec"}, "train": {"samples": "all_positions"}})
+    bert = {"model": {"name": "bert4rec"}}
+    assert experiment_from_dict(bert).sample_mode == "all_positions"
+    assert experiment_from_dict({**bert, "train": {"samples": "prefix"}}).sample_mode == "prefix"  # RecBole's rows
     with pytest.raises(ConfigError, match="train.samples: expected one of"):
         experiment_from_dict({"train": {"samples": "some"}})
 

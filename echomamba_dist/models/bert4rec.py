@@ -8,15 +8,24 @@
       -> output head at a position: GELU(W h + b)  (B, H)
       -> scores = head @ item_embedding.T + output_bias   (the paper's eq. for P(v))
 
-Training (`loss`, the masked-item objective). The loop hands BERT4Rec all-positions rows
-(`sample_mode = "all_positions"`), used only to rebuild each user's whole training sequence:
-input = train part[:-1] and target[t] = train part[t + 1], so the sequence is `item_seq[:seq_len]`
-followed by `target[seq_len - 1]` (prefix rows, `target` (B,), are accepted the same way: the
-prefix followed by its target). In each row `max(1, round(mask_prob * n))` of its n items,
-chosen uniformly with torch's global generator (seeded by the loop, so runs repeat), are replaced
-by the mask token; with probability `mask_last_prob` a row masks only its last item instead,
-which matches what inference asks for (the paper's extra "mask the last item" samples). The loss
-is the mean cross-entropy of the original items at the masked positions over all real items.
+Training (`loss`, the masked-item objective). Every row is rebuilt into one sequence and some
+of its items are masked. By default the loop hands BERT4Rec all-positions rows
+(`sample_mode = "all_positions"`: one row a user), used only to rebuild each user's whole training
+sequence: input = train part[:-1] and target[t] = train part[t + 1], so the sequence is
+`item_seq[:seq_len]` followed by `target[seq_len - 1]`. With `train.samples: prefix` every prefix
+of a user's training items is a row (RecBole's augmentation: many more rows, so many more optimizer
+steps an epoch), rebuilt as the prefix followed by its target. Which items are masked
+(`masking`, drawn with torch's global generator, seeded by the loop, so runs repeat):
+
+- "count" (the default): `max(1, round(mask_prob * n))` of the n items of the rebuilt sequence,
+  chosen uniformly;
+- "append": the last item (the target, where the appended mask sits at inference) always, and
+  every other item independently with probability `mask_prob` (RecBole's training of BERT4Rec on
+  prefix rows: the mask appended at the end plus random masking).
+
+In both, with probability `mask_last_prob` a row masks only its last item instead, which matches
+what inference asks for (the paper's extra "mask the last item" samples). The loss is the mean
+cross-entropy of the original items at the masked positions over all real items.
 
 Inference (`forward(item_seq, seq_len)`): the mask token is put at position seq_len, right after
 the history, and the head reads that position. A history of `max_len` items therefore takes
@@ -49,6 +58,9 @@ from echomamba_dist.models.base import (
 from echomamba_dist.models.layers import TransformerBlock
 
 
+MASKINGS = ("count", "append")  # which items of a rebuilt training sequence are masked
+
+
 @dataclass(kw_only=True)
 class BERT4RecConfig(TransformerConfig):
     """BERT4Rec: two layers of two heads (its paper), H = 64 and dropout 0.2 (the shared settings).
@@ -61,9 +73,12 @@ class BERT4RecConfig(TransformerConfig):
     max_len: int = 50  # longest history; positions hold max_len + 1 (history + mask token)
     mask_prob: float = 0.2  # fraction of a training sequence's items that are masked
     mask_last_prob: float = 0.1  # probability that a training row masks only its last item
+    masking: str = "count"  # "count": round(mask_prob * n) items; "append": the last + Bernoulli(mask_prob)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.masking not in MASKINGS:
+            raise ConfigError(f"masking: must be one of {', '.join(MASKINGS)}, got {self.masking!r}")
         if not 0.0 < self.mask_prob <= 1.0:
             raise ConfigError(f"mask_prob: must be in (0, 1], got {self.mask_prob}")
         if not 0.0 <= self.mask_last_prob <= 1.0:
@@ -73,11 +88,12 @@ class BERT4RecConfig(TransformerConfig):
 class BERT4Rec(SequentialRecommender):
     """BERT4Rec; `forward(item_seq, seq_len) -> (B, H)` reads a mask appended at seq_len.
 
-    Trains with the masked-item objective in `loss` on all-positions rows (module docstring).
+    Trains with the masked-item objective in `loss` on all-positions rows, or prefix rows with
+    `train.samples: prefix` (module docstring).
     """
 
     sample_mode = "all_positions"
-    supported_samples = ("all_positions",)  # the masked-item objective rebuilds whole sequences
+    supported_samples = ("all_positions", "prefix")  # both are rebuilt into whole sequences
 
     def __init__(self, n_items: int, config: BERT4RecConfig | None = None) -> None:
         config = config or BERT4RecConfig()
@@ -163,15 +179,18 @@ class BERT4Rec(SequentialRecommender):
         width = full.shape[1]
         real = padding_mask(length, width)  # (B, L + 1)
 
-        n_masked = torch.clamp(torch.round(self.config.mask_prob * length), min=1)  # (B,)
         # keys drawn at the full max_len + 1 width: the same rows draw the same masks whatever
         # the padding of their batch
         keys = torch.rand(full.shape[0], self.config.max_len + 1, device=full.device)[:, :width]
-        keys = keys.masked_fill(~real, 2.0)  # (B, L + 1)
-        order = keys.argsort(dim=1).argsort(dim=1)  # (B, L + 1): rank of each position's key
-        masked = order < n_masked[:, None]  # the n_masked real positions with the smallest keys
-        only_last = torch.rand(full.shape[0], device=full.device) < self.config.mask_last_prob
         is_last = torch.arange(width, device=full.device)[None, :] == seq_len[:, None]  # (B, L + 1)
+        if self.config.masking == "append":
+            masked = ((keys < self.config.mask_prob) & real) | is_last  # (B, L + 1)
+        else:
+            n_masked = torch.clamp(torch.round(self.config.mask_prob * length), min=1)  # (B,)
+            keys = keys.masked_fill(~real, 2.0)  # (B, L + 1)
+            order = keys.argsort(dim=1).argsort(dim=1)  # (B, L + 1): rank of each position's key
+            masked = order < n_masked[:, None]  # the n_masked real positions with the smallest keys
+        only_last = torch.rand(full.shape[0], device=full.device) < self.config.mask_last_prob
         masked = torch.where(only_last[:, None], is_last, masked)
 
         tokens = full.masked_fill(masked, self.mask_token)

@@ -300,6 +300,37 @@ def test_bert4rec_mask_last_rows_mask_only_the_last_item():
     assert torch.equal(prefix_labels[rows, seq_len], prefix_target)
 
 
+def test_bert4rec_append_masking_masks_the_target_and_each_history_item_with_mask_prob():
+    """masking="append" (RecBole on prefix rows): the appended target is always masked, every
+    history item independently with probability mask_prob; padding never."""
+    model = _build("bert4rec", mask_prob=0.3, mask_last_prob=0.0, masking="append").train()
+    lengths = [1, 4, 12, 30] * 250
+    seq, seq_len = _batch(lengths, 30, seed=3)
+    target = torch.arange(1, 1001) % N_ITEMS + 1  # (B,) prefix targets
+    torch.manual_seed(7)
+    tokens, length, labels = model.mask_items(seq, seq_len, target)
+    rows = torch.arange(1000)
+    masked = tokens == model.mask_token
+    assert torch.equal(length, seq_len + 1)
+    assert masked[rows, seq_len].all() and torch.equal(labels[rows, seq_len], target)
+    history = torch.arange(31)[None, :] < seq_len[:, None]  # (B, 31): the prefix's own items
+    assert not masked[~history & ~(torch.arange(31)[None, :] == seq_len[:, None])].any()  # padding
+    rate = masked[history].float().mean().item()
+    assert abs(rate - 0.3) < 0.02, rate  # 12,000+ Bernoulli draws: 3 sigma is 0.013
+    # a one-item prefix often keeps its item unmasked (count masking would mask round(0.3 * 2) = 1)
+    assert 0.6 < (~masked[seq_len == 1, 0]).float().mean().item() < 0.8
+    whole = append_at(seq, seq_len, target)
+    assert torch.equal(labels[masked], whole[masked]) and torch.equal(tokens[~masked], whole[~masked])
+    # torch's global generator: the same seed, the same masks
+    torch.manual_seed(7)
+    assert torch.equal(model.mask_items(seq, seq_len, target)[0], tokens)
+
+
+def test_bert4rec_masking_is_checked():
+    with pytest.raises(ConfigError, match="masking: must be one of count, append"):
+        _build("bert4rec", masking="random")
+
+
 def test_bert4rec_inference_reads_a_mask_appended_at_seq_len():
     model = _build("bert4rec").double().eval()
     seq, seq_len = _batch(LENGTHS, 10)

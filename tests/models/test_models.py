@@ -408,7 +408,7 @@ def test_model_configs_parse_from_dicts():
         (
             "bert4rec",
             ["num_heads", "inner_size", "dropout", "attn_dropout", "max_len", "mask_prob",
-             "mask_last_prob"],
+             "mask_last_prob", "masking"],
         ),
     ],
 )

@@ -1,0 +1,296 @@
+"""Training configs x seeds, each to early stopping: mean ± std under two evaluation protocols.
+
+    python benchmarks/seeds.py --seeds 1 2 3 \
+        --config echomamba4rec-tuned=docs/results/tune-beauty-cpu/best.yaml \
+        --config sasrec=jobs/configs/beauty-sasrec.yaml \
+        --config bimamba4rec=jobs/configs/beauty-bimamba4rec.yaml \
+        --set data.path=prepared/amazon-beauty --runs ../runs/seeds/beauty \
+        --out docs/results/seeds-beauty.json
+    python benchmarks/seeds.py ... --report-only        # tabulate what has finished, train nothing
+
+Every `--config [LABEL=]PATH` is a training config (a job config, a study's best.yaml) loaded as
+`echomamba train` loads it (`config.load`, then the `--set` overrides, which apply to every config);
+LABEL (default: the config's `run.name`) names its rows and its runs, `<LABEL>-seed<N>` under
+`--runs`. Each (config, seed) trains in this process through `train_per_worker`, the Ray-free
+per-worker loop (`train.seed` = the seed; `train.ray`, tracking and `train.exclude_history` off: the
+best epoch is chosen on validation under the paper's protocol). A run interrupted resumes from its
+checkpoints when the command runs again; a finished one is reused (`table2-run.json` in its run
+directory, kept while its config is unchanged), so two processes may train disjoint `--seeds` or
+`--config`s side by side and a later `--report-only` tabulates them all.
+
+The test split is scored with each run's best weights under two protocols, reported separately
+and never mixed:
+- paper: full ranking over all items (the paper's protocol; what training reports in metrics.json,
+  checked here to agree with a fresh evaluation);
+- exclude_history: the same ranking with each user's history items removed (`exclude_history` of
+  `evaluate_model`, as `echomamba evaluate --exclude-history`).
+
+Writes `--out` (JSON: the command, commit, hardware, each config's settings, every run, mean and
+sample standard deviation over seeds per protocol, comparisons) and a markdown table beside it
+(same stem, `.md`), both replaced atomically after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import git_commit, hardware, shown_path, utc_now  # noqa: E402
+from table2 import DISPLAY, METRICS, PAPER, mean_std, paper_key, train_one  # noqa: E402
+
+from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
+from echomamba_dist.errors import ConfigError  # noqa: E402
+from echomamba_dist.io import write_json_atomic, write_text_atomic  # noqa: E402
+
+PROTOCOLS = ("paper", "exclude_history")
+# The settings a table shows for each config (dotted keys of the training config).
+SHOWN_SETTINGS = ("model.name", "model.dropout", "train.lr", "train.weight_decay", "train.batch_size",
+                  "train.samples", "train.patience", "train.epochs", "data.max_len")
+
+
+def parse_config_arg(text: str) -> tuple[str | None, Path]:
+    """`LABEL=PATH` or `PATH` -> (label or None, path)."""
+    label, sep, path = text.partition("=")
+    if sep and label and "/" not in label and not label.endswith((".yaml", ".yml")):
+        return label, Path(path)
+    return None, Path(text)
+
+
+def run_configs(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(label, path, the loaded config as a dict) per `--config`, in the order given."""
+    out = []
+    for text in args.config:
+        label, path = parse_config_arg(text)
+        try:
+            cfg = load(ExperimentConfig, path, args.overrides)
+        except ConfigError as exc:
+            raise SystemExit(f"{path}: {exc}") from None
+        label = label or cfg.run.name
+        if any(label == other for other, _, _ in out):
+            raise SystemExit(f"--config {text}: the label {label!r} is taken by an earlier config; give LABEL=PATH")
+        out.append((label, path, to_dict(cfg)))
+    return out
+
+
+def seed_config(base: dict[str, Any], label: str, seed: int, runs_dir: Path) -> dict[str, Any]:
+    """The experiment dict of one (config, seed) run."""
+    cfg = json.loads(json.dumps(base))  # a deep copy of plain data
+    cfg["train"].update(seed=seed, ray=False, progress=False, exclude_history=False, final_test=True)
+    cfg["run"].update(name=f"{label}-seed{seed}", storage_path=str(runs_dir), resume=True)
+    cfg["tracking"]["enabled"] = False
+    return cfg
+
+
+def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Both protocols' test metrics of a finished run's best weights. Raises SystemExit when a fresh
+    evaluation under the paper's protocol disagrees with what training reported."""
+    import torch
+
+    from echomamba_dist.serve.load import load_model
+    from echomamba_dist.train.batches import build_training_data
+    from echomamba_dist.train.evaluate import evaluate_model
+
+    loaded = load_model(run_dir)  # the best weights
+    cfg = loaded.config
+    data = build_training_data(cfg, cfg.sample_mode, with_samples=False)
+    out = {}
+    for protocol in PROTOCOLS:
+        metrics = evaluate_model(loaded.model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size,
+                                 device=torch.device("cpu"), exclude_history=protocol == "exclude_history")
+        out[protocol] = {k: v for k, v in metrics.items() if k != "count"}
+    for metric, value in paper_test.items():
+        fresh = out["paper"].get(metric)
+        if fresh is None or not math.isclose(fresh, value, rel_tol=1e-4, abs_tol=1e-6):
+            raise SystemExit(f"{run_dir}: test {metric} evaluated again is {fresh}, but training reported {value}")
+    return out
+
+
+def summarize(label: str, records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Over the seeds of one config: both protocols' test metrics, validation, epochs."""
+    return {
+        "label": label,
+        "model": records[0]["model"],
+        "settings": settings,
+        "seeds": [r["seed"] for r in records],
+        "test": {p: {m: mean_std([r["protocols"][p].get(m) for r in records]) for m in METRICS} for p in PROTOCOLS},
+        "valid": {m: mean_std([r["valid"].get(m) for r in records]) for m in METRICS},
+        "epochs_run": [r["epochs_run"] for r in records],
+        "best_epoch": [r["best_epoch"] for r in records],
+        "all_stopped_early": all(r["stopped_early"] for r in records),
+        "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in records]),
+    }
+
+
+def comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each EchoMamba4Rec entry against every other entry, per protocol, on mean HR@10 and NDCG@10."""
+    out = []
+    for label, s in summary.items():
+        if s["model"] != "echomamba4rec":
+            continue
+        for other, o in summary.items():
+            if other == label:
+                continue
+            for protocol in PROTOCOLS:
+                ahead = {m: s["test"][protocol][m]["mean"] - o["test"][protocol][m]["mean"] for m in ("hr@10", "ndcg@10")}
+                out.append({"entry": label, "against": other, "protocol": protocol, "difference": ahead,
+                            "ahead_on_both": all(v > 0 for v in ahead.values())})
+    return out
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    if not stat["n"]:
+        return "–"
+    return f"{stat['mean']:.4f}" if stat["n"] == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    hw = report["hardware"]
+    commit = f"commit `{(report['git']['commit'] or 'unknown')[:12]}`" + (" (uncommitted changes)" if report["git"]["dirty"] else "")
+    state = "complete" if report["complete"] else "in progress"
+    lines = [
+        f"# Seeded runs: {report['dataset']}",
+        "",
+        f"Measured by `benchmarks/seeds.py` ({state}), {report['date']}, {commit}, on {hw['device']} ({hw['cpu']}, "
+        f"{hw['cpu_cores']} cores, torch {hw['torch']}). Each run trained to early stopping on validation "
+        f"NDCG@10; the test split scored once with its best weights; mean ± sample std over seeds "
+        f"{' '.join(map(str, report['seeds']))}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    paper = PAPER.get(report.get("paper_dataset") or "", {})
+    titles = {
+        "paper": "Protocol 1, the paper's: full ranking over all items",
+        "exclude_history": "Protocol 2: full ranking without each user's history items (not comparable with protocol 1 or the paper)",
+    }
+    for protocol in PROTOCOLS:
+        with_paper = protocol == "paper" and paper
+        head = ["config", "model", "HR@10", "NDCG@10", "MRR@10"] + (["paper HR@10", "paper NDCG@10"] if with_paper else [])
+        lines += [f"## {titles[protocol]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, s in report["summary"].items():
+            cells = [label + ("" if s["all_stopped_early"] else " †"), DISPLAY.get(s["model"], s["model"])]
+            cells += [_fmt(s["test"][protocol][m]) for m in METRICS]
+            if with_paper:
+                ref = paper.get(s["model"])
+                cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}"] if ref else ["–", "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Runs", "", "| config | seed | epochs run | best epoch | valid NDCG@10 | s / epoch |", "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        spe = f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else "–"
+        valid = r["valid"].get("ndcg@10", float("nan"))
+        lines.append(f"| {r['label']} | {r['seed']} | {r['epochs_run']} | {r['best_epoch'] + 1} | {valid:.4f} | {spe} |")
+    if report["pending"]:
+        lines += ["", "Not finished yet: " + ", ".join(report["pending"]) + "."]
+    lines += ["", "## Settings", ""]
+    for label, s in report["summary"].items():
+        shown = ", ".join(f"{k} {v}" for k, v in s["settings"].items())
+        lines.append(f"- {label} ({s['config_path']}): {shown}")
+    if report["comparisons"]:
+        lines += ["", "## EchoMamba4Rec against the others (mean test HR@10 and NDCG@10)", ""]
+        for c in report["comparisons"]:
+            d = c["difference"]
+            verdict = "ahead on both" if c["ahead_on_both"] else "not ahead on both"
+            lines.append(f"- {c['entry']} vs {c['against']}, {c['protocol']}: HR@10 {d['hr@10']:+.4f}, "
+                         f"NDCG@10 {d['ndcg@10']:+.4f} ({verdict})")
+    lines += ["", "† a run of this config reached its epoch limit before early stopping.", "Best epoch counts from 1."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", action="append", required=True, metavar="[LABEL=]PATH",
+                        help="a training config (repeatable); LABEL names its rows and runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every config (repeatable), as `echomamba train --set`")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--runs", type=Path, required=True, help="parent directory of the runs (keep it outside the repository)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON output; the markdown goes beside it")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished runs")
+    parser.add_argument("--dataset-name", default=None, help="names the dataset (default: from data.path)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    configs = run_configs(args)
+    runs_dir = args.runs.expanduser().resolve()
+    data_path = configs[0][2]["data"].get("path")
+    dataset = args.dataset_name or (Path(data_path).name if data_path else "synthetic")
+    words = sys.argv[1:] if argv is None else argv
+    report: dict[str, Any] = {
+        "benchmark": "training configs x seeds to early stopping, two evaluation protocols",
+        "command": " ".join(["python", "benchmarks/seeds.py", *(shown_path(w) if Path(w).is_absolute() else w for w in words)]),
+        "date": utc_now(),
+        "git": git_commit(),
+        "hardware": hardware("cpu"),
+        "dataset": dataset,
+        "paper_dataset": paper_key(dataset),
+        "seeds": args.seeds,
+        "runs_dir": shown_path(runs_dir),
+        "runs": [],
+        "pending": [],
+        "summary": {},
+        "comparisons": [],
+        "complete": False,
+    }
+    records: dict[str, list[dict[str, Any]]] = {}
+    fingerprints: set[str] = set()
+
+    def publish() -> None:
+        report["summary"] = {}
+        for label, path, base in configs:
+            if records.get(label):
+                settings = {}
+                for key in SHOWN_SETTINGS:
+                    section, name = key.split(".")
+                    settings[key] = base[section].get(name)
+                report["summary"][label] = summarize(label, records[label], settings) | {"config_path": shown_path(path)}
+        report["comparisons"] = comparisons(report["summary"])
+        report["wall_seconds"] = time.perf_counter() - started
+        write_json_atomic(args.out, report, sort_keys=False)
+        write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
+
+    for label, _path, base in configs:
+        for seed in args.seeds:
+            cfg = seed_config(base, label, seed, runs_dir)
+            run_dir = runs_dir / cfg["run"]["name"]
+            record_file = run_dir / "table2-run.json"
+            if args.report_only:
+                if not record_file.is_file():
+                    report["pending"].append(cfg["run"]["name"])
+                    continue
+                record = json.loads(record_file.read_text(encoding="utf-8"))
+                if record.get("config") != cfg:
+                    report["pending"].append(cfg["run"]["name"] + " (config changed)")
+                    continue
+            else:
+                print(f"=== {label} seed {seed} ({run_dir.name})", flush=True)
+                record = train_one(cfg, fresh=False)
+            fingerprints.add(record["dataset_fingerprint"])
+            if len(fingerprints) > 1:
+                raise SystemExit(f"{run_dir}: trained on another dataset than the runs before it; one dataset a table")
+            record = {k: v for k, v in record.items() if k != "config"} | {
+                "label": label, "run_name": run_dir.name,
+                "protocols": protocol_metrics(run_dir, record["test"]),
+            }
+            records.setdefault(label, []).append(record)
+            report["runs"].append(record)
+            publish()
+    report["complete"] = not report["pending"]
+    publish()
+    print(render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""benchmarks/seeds.py at smoke size: configs x seeds, both protocols, resumption and --report-only
+(marked slow: it trains four tiny runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "seeds.py"
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": {"synthetic": {"n_users": 200, "n_items": 60, "n_topics": 4, "mean_length": 8.0}, "max_len": 12},
+    "train": {"epochs": 2, "patience": 1, "batch_size": 128, "eval_batch_size": 256},
+    "run": {"name": "unused"},
+}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _evaluate(run_dir: Path, *, exclude_history: bool) -> dict:
+    from echomamba_dist.serve.load import load_model
+    from echomamba_dist.train.batches import build_training_data
+    from echomamba_dist.train.evaluate import evaluate_model
+
+    loaded = load_model(run_dir)
+    data = build_training_data(loaded.config, loaded.config.sample_mode, with_samples=False)
+    return evaluate_model(loaded.model, data.test, ks=[10], batch_size=256, device=torch.device("cpu"),
+                          exclude_history=exclude_history)
+
+
+def test_seeds_trains_each_config_and_seed_and_reports_both_protocols(tmp_path):
+    echo, sasrec = tmp_path / "echo.yaml", tmp_path / "sasrec.yaml"
+    echo.write_text(yaml.safe_dump({**TINY, "model": {"name": "echomamba4rec", "hidden_size": 16}}))
+    sasrec.write_text(yaml.safe_dump({**TINY, "model": {"name": "sasrec", "hidden_size": 16}}))
+    runs, out = tmp_path / "runs", tmp_path / "out" / "seeds.json"
+    args = ["--config", f"echo={echo}", "--config", f"sas={sasrec}", "--seeds", "1", "2",
+            "--set", "train.lr=0.005", "--runs", str(runs), "--out", str(out)]
+    _run(*args)
+
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["pending"] == []
+    assert sorted(d.name for d in runs.iterdir()) == ["echo-seed1", "echo-seed2", "sas-seed1", "sas-seed2"]
+    assert [(r["label"], r["seed"]) for r in report["runs"]] == [("echo", 1), ("echo", 2), ("sas", 1), ("sas", 2)]
+    for r in report["runs"]:
+        run_dir = runs / r["run_name"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert r["protocols"]["paper"] == pytest.approx(metrics["test"], rel=1e-6)  # what training reported
+        fresh = _evaluate(run_dir, exclude_history=True)
+        assert r["protocols"]["exclude_history"] == pytest.approx({k: v for k, v in fresh.items() if k != "count"})
+        saved = yaml.safe_load(next(iter(sorted(run_dir.glob("epoch_*")))).joinpath("config.yaml").read_text())
+        assert saved["train"]["seed"] == r["seed"] and saved["train"]["lr"] == 0.005  # the seed and --set
+    # the two seeds are different runs, and the summary is their mean and sample std per protocol
+    echo_runs = [r for r in report["runs"] if r["label"] == "echo"]
+    assert echo_runs[0]["valid"] != echo_runs[1]["valid"]
+    for protocol in ("paper", "exclude_history"):
+        values = [r["protocols"][protocol]["hr@10"] for r in echo_runs]
+        stat = report["summary"]["echo"]["test"][protocol]["hr@10"]
+        assert math.isclose(stat["mean"], statistics.fmean(values)) and math.isclose(stat["std"], statistics.stdev(values))
+    assert report["summary"]["sas"]["model"] == "sasrec" and report["summary"]["echo"]["settings"]["train.lr"] == 0.005
+    assert {(c["entry"], c["against"], c["protocol"]) for c in report["comparisons"]} == {
+        ("echo", "sas", "paper"), ("echo", "sas", "exclude_history")}
+    markdown = out.with_suffix(".md").read_text()
+    assert "## Protocol 1, the paper's" in markdown and "## Protocol 2" in markdown
+    assert f"| echo | EchoMamba4Rec | {report['summary']['echo']['test']['paper']['hr@10']['mean']:.4f} ± " in markdown
+
+    # again: the finished runs are reused (no training: their records and checkpoints untouched), the same numbers
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    _run(*args)
+    again = json.loads(out.read_text())
+    assert again["summary"] == report["summary"]
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == stamps
+    # --report-only with a seed not trained yet: tabulates what finished, names what did not
+    _run(*args[:-4], "--seeds", "1", "3", "--runs", str(runs), "--out", str(out), "--report-only")
+    partial = json.loads(out.read_text())
+    assert not partial["complete"] and partial["pending"] == ["echo-seed3", "sas-seed3"]
+    assert [r["seed"] for r in partial["runs"]] == [1, 1]
+    assert not (runs / "echo-seed3").exists()
+
+
+def test_seeds_refuses_a_bad_config_by_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name": "echomamba4rec", "hiden_size": 3}}))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad), "--runs", str(tmp_path / "r"),
+                           "--out", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "bad.yaml" in proc.stderr and "hiden_size" in proc.stderr
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "r").exists()
