@@ -161,6 +161,28 @@ def test_results_table_keeps_mixed_parameter_types(tmp_path):
     assert "0.5000" in text and "ERROR" in text
 
 
+def test_trial_history_skips_a_damaged_checkpoint_for_the_one_before_it(tmp_path, capsys):
+    import torch
+
+    from echomamba_dist.distributed.tune.study import trial_history
+    from echomamba_dist.train.checkpoint import write_checkpoint
+
+    run_dir = tmp_path / "trial-x"
+    for epoch, best in ((3, 0.04), (4, 0.05)):
+        write_checkpoint(run_dir / f"epoch_{epoch:06d}", model_state={"w": torch.zeros(1)}, optimizer_state=None,
+                         meta={"epoch": epoch + 1, "best_epoch": epoch, "best_metric": best, "history": [{}] * (epoch + 1)},
+                         config={})
+    assert trial_history(run_dir)["best"] == 0.05
+    (run_dir / "epoch_000004" / "meta.json").write_text("{not json")
+    hist = trial_history(run_dir)
+    assert (hist["checkpoint"].name, hist["epochs"], hist["best"]) == ("epoch_000003", 4, 0.04)
+    err = capsys.readouterr().err
+    assert "epoch_000004/meta.json: corrupt checkpoint metadata" in err and "checkpoint before it" in err
+    (run_dir / "epoch_000003" / "meta.json").write_text("[]")
+    assert trial_history(run_dir) is None
+    assert trial_history(tmp_path / "never-started") is None
+
+
 def test_cli_reports_a_bad_study_file(tmp_path, capsys):
     path = write_study(tmp_path, search={"model.nope": {"choice": [1]}})
     assert main(["tune", "--config", str(path)]) == 2

@@ -39,6 +39,7 @@ version of `tracking.registered_model` (default: the study name) with the alias 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,8 +56,8 @@ from echomamba_dist.config import (
     set_dotted,
     to_dict,
 )
-from echomamba_dist.errors import ConfigError
-from echomamba_dist.train.checkpoint import latest_checkpoint, read_meta
+from echomamba_dist.errors import CheckpointError, ConfigError
+from echomamba_dist.train.checkpoint import checkpoint_dirs, read_meta
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "quniform")
 TIME_ATTR = "epochs_done"  # what ASHA counts: epochs finished (the loop's `epoch` + 1)
@@ -265,11 +266,18 @@ def trial_history(run_dir: Path) -> dict[str, Any] | None:
     """What a trial's latest checkpoint knows: epochs run, best epoch and metric, history.
 
     The checkpoint (not Tune's result log) is the record, so that a trial restarted by a resumed
-    study is summarised over all of its epochs. None when the trial wrote no checkpoint.
+    study is summarised over all of its epochs. A checkpoint whose metadata cannot be read is
+    skipped for the one before it, with a warning naming it, so that one damaged file does not
+    stop a study's summary. None when the trial has no readable checkpoint.
     """
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    meta = ckpt = None
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        try:
+            meta = read_meta(ckpt)
+            break
+        except CheckpointError as exc:
+            print(f"echomamba tune: warning: {exc}; reading the trial's checkpoint before it", file=sys.stderr, flush=True)
+    if meta is None:
         return None
-    meta = read_meta(ckpt)
     return {"checkpoint": ckpt, "epochs": int(meta["epoch"]), "best_epoch": int(meta["best_epoch"]),
             "best": float(meta["best_metric"]), "history": meta.get("history", [])}
