@@ -470,6 +470,15 @@ def shown_path(path: str | Path) -> str:
     return str(Path(*p.parts[-2:]))
 
 
+def shown_arg(word: str) -> str:
+    """A command-line word as a report records it: an absolute path, or the absolute path after
+    `KEY=` (`data.path=/x/y`, `LABEL=/x/best.yaml`), as a `shown_path`; anything else as it is."""
+    key, sep, value = word.rpartition("=")
+    if sep and Path(value).is_absolute():
+        return f"{key}={shown_path(value)}"
+    return shown_path(word) if Path(word).is_absolute() else word
+
+
 def _describe(name: str, prepared: Path | None, meta: dict[str, Any]) -> dict[str, Any]:
     """The report's `dataset` entry: name, prepared directory, source and the dataset's counts
     (paths as `shown_path`s)."""

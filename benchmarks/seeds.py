@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import git_commit, hardware, shown_path, utc_now  # noqa: E402
+from _common import git_commit, hardware, shown_arg, shown_path, utc_now  # noqa: E402
 from table2 import DISPLAY, METRICS, PAPER, mean_std, paper_key, train_one  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {
         "benchmark": "training configs x seeds to early stopping, two evaluation protocols",
-        "command": " ".join(["python", "benchmarks/seeds.py", *(shown_path(w) if Path(w).is_absolute() else w for w in words)]),
+        "command": " ".join(["python", "benchmarks/seeds.py", *map(shown_arg, words)]),
         "date": utc_now(),
         "git": git_commit(),
         "hardware": hardware("cpu"),

@@ -16,7 +16,8 @@ Writes into `--out` (each file atomically):
 - `trials.md`: the same as a table, best trial first;
 - `search.png`: the best validation metric of every trial against each searched parameter (one
   panel a parameter; log axes for log-uniform ones), and every trial's validation curve;
-- `results.parquet` and `best.yaml`: copies of the study's own, once it has ended.
+- `results.parquet` and `best.yaml`: the study's own, once it has ended, with the paths of the machine
+  they were made on shown relative to the repository (`run_dir`; `data.path`, `run.storage_path`).
 
 Selection is on validation only, as in the study: the test split is not read here.
 """
@@ -27,7 +28,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-from _common import command_line, git_commit, shown_path, utc_now  # noqa: E402
+from _common import command_line, git_commit, shown_arg, shown_path, utc_now  # noqa: E402
 
 from echomamba_dist.io import atomic_file, write_json_atomic, write_text_atomic  # noqa: E402
 from echomamba_dist.train.checkpoint import latest_checkpoint, read_config, read_meta  # noqa: E402
@@ -123,6 +123,34 @@ def final_statuses(study_dir: Path) -> dict[str, str]:
         return {t["trial_id"]: str(t["status"]) for t in trials}
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return {}  # a state file of another Ray version: statuses unknown
+
+
+def copy_results(source: Path, target: Path) -> None:
+    """The study's results.parquet, its `run_dir` column shown as `shown_path`s (no path of the
+    machine it ran on goes into the repository)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    if "run_dir" in table.column_names:
+        shown = pa.array([shown_path(p) if p else p for p in table.column("run_dir").to_pylist()], pa.string())
+        table = table.set_column(table.column_names.index("run_dir"), "run_dir", shown)
+    with atomic_file(target, what="study results") as tmp:
+        pq.write_table(table, tmp)
+
+
+def copy_best(source: Path, target: Path, *, study_dir: Path) -> None:
+    """The study's best.yaml with `data.path` and `run.storage_path` as `shown_path`s, and its
+    header naming the study directory the same way; otherwise as the study wrote it."""
+    text = source.read_text(encoding="utf-8")
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    config = yaml.safe_load(text)
+    for section, key in (("data", "path"), ("run", "storage_path")):
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, str) and Path(value).is_absolute():
+            config[section][key] = shown_path(value)
+    header = [line.replace(str(study_dir.resolve()), shown_path(study_dir)) for line in header]
+    write_text_atomic(target, "\n".join(header + [yaml.safe_dump(config, sort_keys=False)]), what="best config")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -224,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ended = (args.study / RESULTS_FILE).is_file()
     report = {
         "study": args.study.name,
-        "command": command_line(__file__, sys.argv[1:] if argv is None else argv),
+        "command": command_line(__file__, [shown_arg(w) for w in (sys.argv[1:] if argv is None else argv)]),
         "date": utc_now(),
         "git": git_commit(),
         "study_config": shown_path(args.study_config),
@@ -234,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         "trials": trials,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in (RESULTS_FILE, BEST_FILE):
-        if ended and (args.study / name).is_file():
-            with atomic_file(args.out / name, what=name) as tmp:
-                shutil.copyfile(args.study / name, tmp)
+    if ended:
+        copy_results(args.study / RESULTS_FILE, args.out / RESULTS_FILE)
+        if (args.study / BEST_FILE).is_file():
+            copy_best(args.study / BEST_FILE, args.out / BEST_FILE, study_dir=args.study)
     if not args.no_plot:
         plot(report, args.out / "search.png")
     report["seconds"] = time.perf_counter() - started

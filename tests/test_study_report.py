@@ -85,16 +85,29 @@ def test_a_running_study_reads_its_trials_from_checkpoints_and_tunes_state(study
 
 def test_an_ended_study_takes_its_statuses_from_results_and_copies_them(study, tmp_path):
     study_dir, config = study
+    run_dirs = [str(study_dir / "trials" / f"trial-{t}") for t in ("aaaa0001", "cccc0003", "bbbb0002")]
     pq.write_table(pa.table({"trial_id": ["aaaa0001", "cccc0003", "bbbb0002"],
-                             "status": ["COMPLETED", "COMPLETED", "STOPPED_EARLY"]}), study_dir / "results.parquet")
-    (study_dir / "best.yaml").write_text("# best\nmodel: {dropout: 0.2}\n")
+                             "status": ["COMPLETED", "COMPLETED", "STOPPED_EARLY"], "run_dir": run_dirs}),
+                   study_dir / "results.parquet")
+    (study_dir / "best.yaml").write_text(
+        f"# Best configuration of study my-study ({study_dir}):\n# trial aaaa0001\n"
+        + yaml.safe_dump({"data": {"path": str(tmp_path / "prepared" / "beauty"), "max_len": 50},
+                          "model": {"dropout": 0.2}, "run": {"name": "my-study-best", "storage_path": str(tmp_path / "runs")}},
+                         sort_keys=False))
     out = tmp_path / "out"
     study_report.main(["--study-config", str(config), "--study", str(study_dir), "--out", str(out), "--no-plot"])
     report = json.loads((out / "trials.json").read_text())
     assert report["ended"] is True
     assert [t["status"] for t in report["trials"]] == ["COMPLETED", "COMPLETED", "STOPPED_EARLY"]
-    assert (out / "best.yaml").read_text() == "# best\nmodel: {dropout: 0.2}\n"
-    assert pq.read_table(out / "results.parquet").num_rows == 3
+    # copies without the paths of the machine: shown relative (here: their last two parts)
+    best = (out / "best.yaml").read_text()
+    assert str(tmp_path) not in best and best.startswith("# Best configuration of study my-study (tune/my-study):\n# trial aaaa0001\n")
+    assert yaml.safe_load(best) == {"data": {"path": "prepared/beauty", "max_len": 50}, "model": {"dropout": 0.2},
+                                    "run": {"name": "my-study-best", "storage_path": str(Path(tmp_path.name) / "runs")}}
+    results = pq.read_table(out / "results.parquet").to_pydict()
+    assert results["status"] == ["COMPLETED", "COMPLETED", "STOPPED_EARLY"]
+    assert results["run_dir"] == ["trials/trial-aaaa0001", "trials/trial-cccc0003", "trials/trial-bbbb0002"]
+    assert str(tmp_path) not in (out / "trials.json").read_text()
     assert not (out / "search.png").exists()
 
 

@@ -1,0 +1,59 @@
+"""scripts/beyond_paper_runs.sh --dry-run: the steps of docs/beyond-the-paper.md in their order,
+run directories under RUNS, repository paths relative, and the search skipped once it has ended."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "beyond_paper_runs.sh"
+
+
+def _dry_run(runs: Path) -> list[str]:
+    env = dict(os.environ, RUNS=str(runs), SEEDS="1 2", PYTHON="python")
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _index(lines: list[str], *needles: str) -> int:
+    found = [i for i, line in enumerate(lines) if all(n in line for n in needles)]
+    assert len(found) == 1, (needles, lines)
+    return found[0]
+
+
+def test_the_steps_in_order_with_runs_outside_the_repository(tmp_path):
+    runs = tmp_path / "runs"
+    lines = _dry_run(runs)
+    tune = _index(lines, "echomamba_dist.cli tune --config jobs/configs/tune-beauty-cpu.yaml")
+    assert f"--set run.storage_path={runs} --set tune.storage_path={runs}/tune" in lines[tune]
+    report = _index(lines, "benchmarks/study_report.py")
+    assert f"--study {runs}/tune/beauty-echomamba4rec-cpu --out docs/results/tune-beauty-cpu" in lines[report]
+    tuned_beauty = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-beauty", "echomamba4rec-tuned=")
+    baselines = _index(lines, "seeds.py --seeds 1 2", "amazon-beauty", "sasrec=", "bimamba4rec=")
+    bert = _index(lines, "cli train --config jobs/configs/beauty-bert4rec-prefix.yaml")
+    tuned_games = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-video-games", "echomamba4rec-tuned=")
+    sasrec_games = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-video-games", "--config sasrec=")
+    tables = [i for i, line in enumerate(lines) if "--report-only" in line]
+    assert tune < report < min(tuned_beauty, baselines) and tuned_beauty < bert < tuned_games and baselines < sasrec_games
+    assert len(tables) == 2 and min(tables) > max(tuned_games, sasrec_games, bert)
+    assert "--out docs/results/seeds-beauty.json" in lines[tables[0]]
+    assert "--out docs/results/seeds-video-games.json" in lines[tables[1]]
+    for line in lines:  # training runs only under RUNS; nothing of this machine's paths in the repo's reports
+        if "--runs" in line:
+            assert f"--runs {runs}/seeds/" in line
+        assert str(REPO) not in line.replace(f"data.path={REPO}/prepared", "")
+    assert not (runs / "tune").exists() and not (runs / "seeds").exists()  # a dry run runs nothing
+
+
+def test_an_ended_search_is_not_run_again(tmp_path):
+    runs = tmp_path / "runs"
+    study = runs / "tune" / "beauty-echomamba4rec-cpu"
+    study.mkdir(parents=True)
+    (study / "results.parquet").write_bytes(b"")
+    lines = _dry_run(runs)
+    steps = [line for line in lines if "cli prepare" not in line]  # preparing: only where data is missing
+    assert not any("cli tune" in line for line in steps)
+    assert "benchmarks/study_report.py" in steps[0] and len(steps) == 8
