@@ -72,11 +72,14 @@ step study-report.log "$PY" benchmarks/study_report.py --study-config "$STUDY_FI
 [[ $DRY_RUN == 1 || -f "$BEST" ]] || { echo "no $BEST: the study has not ended" >&2; exit 1; }
 
 # 3. Two lanes.
+# The tuned config trains with the baselines' stopping rule (the paper's: at most 300 epochs,
+# patience 10), not the study's shorter one (60, 5).
+TUNED=(--config "echomamba4rec-tuned=$BEST" --set train.epochs=300 --set train.patience=10)
 (
-  seeds "$BEAUTY" beauty lane1 --config "echomamba4rec-tuned=$BEST"
+  seeds "$BEAUTY" beauty lane1 "${TUNED[@]}"
   step bert4rec.log "$PY" -m echomamba_dist.cli train --config jobs/configs/beauty-bert4rec-prefix.yaml \
     --set train.ray=false --set "data.path=$BEAUTY" --set "run.storage_path=$RUNS"
-  seeds "$GAMES" video-games lane1 --config "echomamba4rec-tuned=$BEST"
+  seeds "$GAMES" video-games lane1 "${TUNED[@]}"
 ) &
 LANE1=$!
 (
@@ -88,13 +91,13 @@ LANE2=$!
 wait "$LANE1"
 wait "$LANE2"
 
-# 4. The tables, from the finished runs.
+# 4. The tables, from the finished runs (the baselines' configs already hold TUNED's stopping rule).
 # shellcheck disable=SC2086
 step report.log "$PY" benchmarks/seeds.py --report-only --seeds $SEEDS --set "data.path=$BEAUTY" \
   --runs "$RUNS/seeds/beauty" --dataset-name amazon-beauty --out "$RESULTS/seeds-beauty.json" \
-  --config "echomamba4rec-tuned=$BEST" --config sasrec=jobs/configs/beauty-sasrec.yaml \
+  "${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml \
   --config bimamba4rec=jobs/configs/beauty-bimamba4rec.yaml
 # shellcheck disable=SC2086
 step report.log "$PY" benchmarks/seeds.py --report-only --seeds $SEEDS --set "data.path=$GAMES" \
   --runs "$RUNS/seeds/video-games" --dataset-name amazon-video-games --out "$RESULTS/seeds-video-games.json" \
-  --config "echomamba4rec-tuned=$BEST" --config sasrec=jobs/configs/beauty-sasrec.yaml
+  "${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml
