@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="hyperparameter search on Ray Tune")
     _add_config_args(p)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="when resuming a study: run its failed trials again, each from its last checkpoint")
     return parser
 
 
@@ -376,7 +378,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from echomamba_dist.distributed.tune.driver import run_study
 
-    run_study(args.config, args.overrides)
+    run_study(args.config, args.overrides, retry_failed=args.retry_failed)
     return 0
 
 

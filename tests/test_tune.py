@@ -232,6 +232,57 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(failing_study):
 
 
 @pytest.mark.slow
+def test_retry_failed_runs_the_failed_trials_of_an_ended_study_again(tmp_path):
+    """A study whose trials failed for a passing reason (here: `fail_on`, then no longer) ends with
+    them as ERROR; `retry_failed` runs them again, and the study's results and MLflow runs show
+    them finished."""
+    import pyarrow.parquet as pq
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from echomamba_dist.distributed.tune.driver import run_study
+
+    path = write_study(tmp_path)
+    study = load_study(path)
+    try:
+        run_study(path, fail_on={"model.combine": "concat"})
+    finally:
+        ray.shutdown()
+    rows = pq.read_table(study.study_dir / "results.parquet").to_pylist()
+    failed = {r["trial_id"] for r in rows if r["status"] == "ERROR"}
+    assert failed and len(failed) < 3, "seed 0 should sample both variants"
+
+    try:
+        summary = run_study(path, retry_failed=True)
+    finally:
+        ray.shutdown()
+    rows = {r["trial_id"]: r for r in pq.read_table(study.study_dir / "results.parquet").to_pylist()}
+    assert len(rows) == 3  # the same trials, none added
+    for trial_id in failed:
+        assert rows[trial_id]["status"] == "COMPLETED" and rows[trial_id]["epochs"] == 2
+        assert rows[trial_id]["val_ndcg_at_10"] > 0 and rows[trial_id]["param.model.combine"] == "concat"
+    assert summary["best_trial"] == max(rows.values(), key=lambda r: r["val_ndcg_at_10"])["trial_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune-tests")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`echomamba.trial_id` != ''")
+    assert len(children) == 3  # a retried trial keeps its child run
+    for run in children:
+        assert run.info.status == "FINISHED" and "echomamba.error" not in run.data.tags
+
+
+def test_cli_passes_retry_failed_to_the_study(tmp_path, monkeypatch):
+    import echomamba_dist.distributed.tune.driver as driver
+
+    calls = []
+    monkeypatch.setattr(driver, "run_study", lambda path, overrides, **kw: calls.append((path, overrides, kw)))
+    path = write_study(tmp_path)
+    assert main(["tune", "--config", str(path), "--set", "tune.num_samples=4", "--retry-failed"]) == 0
+    assert main(["tune", "--config", str(path)]) == 0
+    assert calls == [(str(path), ["tune.num_samples=4"], {"retry_failed": True}),
+                     (str(path), [], {"retry_failed": False})]
+
+
+@pytest.mark.slow
 def test_mlflow_holds_the_study_and_one_child_run_per_trial(failing_study):
     from mlflow.tracking import MlflowClient
 

@@ -110,13 +110,17 @@ def trial_concurrency(cfg: ExperimentConfig, resources: dict[str, float]) -> int
 
 
 def run_study(
-    path: str | os.PathLike, overrides: list[str] | None = None, *, fail_on: dict[str, Any] | None = None
+    path: str | os.PathLike, overrides: list[str] | None = None, *, retry_failed: bool = False,
+    fail_on: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a study, or resume it when its directory holds an interrupted one; then summarise.
 
     Args:
         path: the study file.
         overrides: `key=value` overrides applied to the study file.
+        retry_failed: when resuming, run the trials that failed again (Tune's `resume_errored`);
+            each continues from its own last checkpoint, as an interrupted trial does. Without
+            it a failed trial stays failed.
         fail_on: tests only: trials whose sampled parameters match this dict fail.
     Returns:
         The summary from `summarize`.
@@ -142,11 +146,12 @@ def run_study(
     parent_id = parent_run(study, tracking)
 
     init_ray()
-    return _run_tuner(study, fail_on=fail_on, parent_id=parent_id, tracking=tracking, metric=metric)
+    return _run_tuner(study, fail_on=fail_on, parent_id=parent_id, tracking=tracking, metric=metric,
+                      retry_failed=retry_failed)
 
 
 def _run_tuner(study: Study, *, fail_on: dict[str, Any] | None, parent_id: str, tracking: TrackingConfig,
-               metric: str) -> dict[str, Any]:
+               metric: str, retry_failed: bool) -> dict[str, Any]:
     """Build (or restore) the Tuner, fit it, and summarise the study."""
     base_cfg = study.base_config
     study_dir = study.study_dir
@@ -160,8 +165,9 @@ def _run_tuner(study: Study, *, fail_on: dict[str, Any] | None, parent_id: str, 
     param_space = search_space(study)
     tuner_path = study_dir / TUNER_DIR
     if tune.Tuner.can_restore(str(tuner_path)):
-        print(f"resuming the study in {study_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, param_space=param_space)
+        print(f"resuming the study in {study_dir}" + (", failed trials again" if retry_failed else ""), flush=True)
+        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, param_space=param_space,
+                                   resume_errored=retry_failed)
     else:
         if study.tune.search_alg == "optuna":
             search_alg = OptunaSearch(seed=study.tune.seed)

@@ -38,6 +38,9 @@ SKIP_RESULT_KEYS = set(AUTO_RESULT_KEYS) | {TIME_ATTR, "epoch", "done", "trial_i
                                           "checkpoint_dir_name", "should_checkpoint"}
 
 
+ERROR_TAG = "echomamba.error"  # a failed trial's child run: the first line of its error
+
+
 class StudyMLflowCallback(MLflowLoggerCallback):
     """The Tuner's MLflow callback: child runs under the study's parent run, one per trial.
 
@@ -64,8 +67,10 @@ class StudyMLflowCallback(MLflowLoggerCallback):
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
             max_results=1,
         )
-        if found:
+        if found:  # a trial resumed with its study, or a failed trial run again (`--retry-failed`)
             run_id = found[0].info.run_id
+            if ERROR_TAG in found[0].data.tags:
+                client.delete_tag(run_id, ERROR_TAG)
             client.update_run(run_id, status="RUNNING")
         else:
             run = client.create_run(experiment_id, run_name=trial_run_name(trial.trial_id),
@@ -92,7 +97,7 @@ class StudyMLflowCallback(MLflowLoggerCallback):
         run_id = self.trial_runs.pop(trial)
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if failed:
-            client.set_tag(run_id, "echomamba.error", error_summary(read_text_or_empty(trial.error_file)))
+            client.set_tag(run_id, ERROR_TAG, error_summary(read_text_or_empty(trial.error_file)))
         client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
