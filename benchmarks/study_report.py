@@ -114,7 +114,9 @@ def final_statuses(study_dir: Path) -> dict[str, str]:
 
         table = pq.read_table(path, columns=["trial_id", "status"]).to_pydict()
         return dict(zip(table["trial_id"], table["status"]))
-    states = sorted((study_dir / "tuner").glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # one file per (re)start of the study, named by its start time: the newest name is the current
+    # state (their modification times tell nothing: Tune's sync rewrites them all at once)
+    states = sorted((study_dir / "tuner").glob("experiment_state-*.json"))
     if not states:
         return {}
     try:

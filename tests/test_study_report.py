@@ -42,11 +42,11 @@ def _trial(study: Path, trial_id: str, history: list[float], *, dropout: float, 
         (run_dir / "metrics.json").write_text("{}")
 
 
-def _tune_state(study: Path, statuses: dict[str, str]) -> None:
+def _tune_state(study: Path, statuses: dict[str, str], *, started: str = "2026-12-01_00-00-00") -> None:
     tuner = study / "tuner"
     tuner.mkdir(parents=True, exist_ok=True)
     trial_data = [[json.dumps({"trial_id": t, "status": s, "stub": False}), "{}"] for t, s in statuses.items()]
-    (tuner / "experiment_state-2026-12-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    (tuner / f"experiment_state-{started}.json").write_text(json.dumps({"trial_data": trial_data}))
 
 
 @pytest.fixture
@@ -63,7 +63,10 @@ def study(tmp_path):
 
 def test_a_running_study_reads_its_trials_from_checkpoints_and_tunes_state(study, tmp_path):
     study_dir, config = study
-    _tune_state(study_dir, {"aaaa0001": "TERMINATED", "bbbb0002": "TERMINATED", "cccc0003": "RUNNING"})
+    # two starts of the study: the state of the later one counts, whatever the files' times
+    _tune_state(study_dir, {"aaaa0001": "TERMINATED", "bbbb0002": "TERMINATED", "cccc0003": "RUNNING"},
+                started="2026-12-02_03-00-00")
+    _tune_state(study_dir, {"aaaa0001": "RUNNING", "bbbb0002": "RUNNING"}, started="2026-12-01_23-00-00")
     out = tmp_path / "out"
     assert study_report.main(["--study-config", str(config), "--study", str(study_dir), "--out", str(out)]) == 0
 
