@@ -24,6 +24,7 @@ and never mixed:
   checked here to agree with a fresh evaluation);
 - exclude_history: the same ranking with each user's history items removed (`exclude_history` of
   `evaluate_model`, as `echomamba evaluate --exclude-history`).
+Both are evaluated once per run and kept in its directory (`protocols.json`).
 
 Writes `--out` (JSON: the command, commit, hardware, each config's settings, every run, mean and
 sample standard deviation over seeds per protocol, comparisons) and a markdown table beside it
@@ -89,9 +90,14 @@ def seed_config(base: dict[str, Any], label: str, seed: int, runs_dir: Path) -> 
     return cfg
 
 
+PROTOCOLS_FILE = "protocols.json"  # in a run directory: both protocols' test metrics, and of which checkpoint
+
+
 def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Both protocols' test metrics of a finished run's best weights. Raises SystemExit when a fresh
-    evaluation under the paper's protocol disagrees with what training reported."""
+    """Both protocols' test metrics of a finished run's best weights, evaluated once and kept in the
+    run directory (`protocols.json`, reused while the run's newest checkpoint is the same). Raises
+    SystemExit when a fresh evaluation under the paper's protocol disagrees with what training
+    reported."""
     import torch
 
     from echomamba_dist.serve.load import load_model
@@ -99,6 +105,11 @@ def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, d
     from echomamba_dist.train.evaluate import evaluate_model
 
     loaded = load_model(run_dir)  # the best weights
+    saved_file = run_dir / PROTOCOLS_FILE
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        if saved.get("checkpoint") == loaded.checkpoint_dir.name and saved.get("paper_test") == paper_test:
+            return saved["protocols"]
     cfg = loaded.config
     data = build_training_data(cfg, cfg.sample_mode, with_samples=False)
     out = {}
@@ -110,6 +121,7 @@ def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, d
         fresh = out["paper"].get(metric)
         if fresh is None or not math.isclose(fresh, value, rel_tol=1e-4, abs_tol=1e-6):
             raise SystemExit(f"{run_dir}: test {metric} evaluated again is {fresh}, but training reported {value}")
+    write_json_atomic(saved_file, {"checkpoint": loaded.checkpoint_dir.name, "paper_test": paper_test, "protocols": out})
     return out
 
 

@@ -63,6 +63,8 @@ def test_seeds_trains_each_config_and_seed_and_reports_both_protocols(tmp_path):
         assert r["protocols"]["paper"] == pytest.approx(metrics["test"], rel=1e-6)  # what training reported
         fresh = _evaluate(run_dir, exclude_history=True)
         assert r["protocols"]["exclude_history"] == pytest.approx({k: v for k, v in fresh.items() if k != "count"})
+        kept = json.loads((run_dir / "protocols.json").read_text())  # kept, so a report evaluates once
+        assert kept["protocols"] == r["protocols"] and kept["checkpoint"].startswith("epoch_")
         saved = yaml.safe_load(next(iter(sorted(run_dir.glob("epoch_*")))).joinpath("config.yaml").read_text())
         assert saved["train"]["seed"] == r["seed"] and saved["train"]["lr"] == 0.005  # the seed and --set
     # the two seeds are different runs, and the summary is their mean and sample std per protocol
