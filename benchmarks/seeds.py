@@ -28,7 +28,9 @@ Both are evaluated once per run and kept in its directory (`protocols.json`).
 
 Writes `--out` (JSON: the command, commit, hardware, each config's settings, every run, mean and
 sample standard deviation over seeds per protocol, comparisons) and a markdown table beside it
-(same stem, `.md`), both replaced atomically after every run.
+(same stem, `.md`), both replaced atomically: after every run while training, once at the end with
+`--report-only` (a run that cannot be scored, e.g. one whose weights give NaN scores, is an error
+naming its checkpoint, and the report before stays as it was).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from _common import git_commit, hardware, shown_arg, shown_path, utc_now  # noqa
 from table2 import DISPLAY, METRICS, PAPER, mean_std, paper_key, train_one  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
-from echomamba_dist.errors import ConfigError  # noqa: E402
+from echomamba_dist.errors import ConfigError, NonFiniteScores  # noqa: E402
 from echomamba_dist.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 PROTOCOLS = ("paper", "exclude_history")
@@ -114,8 +116,11 @@ def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, d
     data = build_training_data(cfg, cfg.sample_mode, with_samples=False)
     out = {}
     for protocol in PROTOCOLS:
-        metrics = evaluate_model(loaded.model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size,
-                                 device=torch.device("cpu"), exclude_history=protocol == "exclude_history")
+        try:
+            metrics = evaluate_model(loaded.model, data.test, ks=cfg.train.ks, batch_size=cfg.train.eval_batch_size,
+                                     device=torch.device("cpu"), exclude_history=protocol == "exclude_history")
+        except NonFiniteScores as exc:  # no metric is made from NaN or infinite scores
+            raise SystemExit(f"{loaded.checkpoint_dir}: {exc}") from None
         out[protocol] = {k: v for k, v in metrics.items() if k != "count"}
     for metric, value in paper_test.items():
         fresh = out["paper"].get(metric)
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             records.setdefault(label, []).append(record)
             report["runs"].append(record)
-            publish()
+            if not args.report_only:  # training: show progress after every run; a report: at its end only
+                publish()
     report["complete"] = not report["pending"]
     publish()
     print(render_markdown(report))

@@ -94,6 +94,21 @@ def test_seeds_trains_each_config_and_seed_and_reports_both_protocols(tmp_path):
     assert [r["seed"] for r in partial["runs"]] == [1, 1]
     assert not (runs / "echo-seed3").exists()
 
+    # a run whose best weights score NaN: no metric from it, an error naming its checkpoint
+    newest = sorted((runs / "sas-seed1").glob("epoch_*"))[-1]
+    state = torch.load(newest / "state.pt", weights_only=True)
+    state["best_model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in state["best_model"].items()}
+    torch.save(state, newest / "state.pt")
+    (runs / "sas-seed1" / "protocols.json").unlink()
+    before = out.read_text()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args[:-4], "--seeds", "1", "--runs", str(runs), "--out", str(out),
+                           "--report-only"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and f"{newest.name}: the model scores" in proc.stderr and "NaN" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (runs / "sas-seed1" / "protocols.json").exists()
+    assert out.read_text() == before  # the report before it stays as it was
+
 
 def test_seeds_refuses_a_bad_config_by_name(tmp_path):
     bad = tmp_path / "bad.yaml"
