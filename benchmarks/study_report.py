@@ -4,7 +4,7 @@
         --study runs/tune/beauty-echomamba4rec-cpu --out docs/results/tune-beauty-cpu
 
 Reads the study directory that `echomamba tune` writes (`tune.storage_path/tune.name`): every
-trial's run directory under `trials/` (its latest checkpoint: the epochs it ran, its validation
+trial's run directory under `trials/` (its newest readable checkpoint, read by the study's own `trial_history`: the epochs it ran, its validation
 history, the best validation metric and epoch, and its config, from which the searched parameters
 are read back), and, once the study has ended, its `results.parquet` (trial statuses) and
 `best.yaml`. Trains and measures nothing.
@@ -39,12 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
 from _common import command_line, git_commit, shown_arg, shown_path, utc_now  # noqa: E402
 
+from echomamba_dist.config import flatten  # noqa: E402
+from echomamba_dist.distributed.tune.study import (  # noqa: E402
+    BEST_FILE,
+    RESULTS_FILE,
+    TRIALS_DIR,
+    TUNER_DIR,
+    trial_history,
+)
 from echomamba_dist.io import atomic_file, write_json_atomic, write_text_atomic  # noqa: E402
-from echomamba_dist.train.checkpoint import latest_checkpoint, read_config, read_meta  # noqa: E402
-
-TRIALS_DIR = "trials"  # as echomamba_dist.distributed.tune.study writes it (not imported: no Ray here)
-RESULTS_FILE = "results.parquet"
-BEST_FILE = "best.yaml"
+from echomamba_dist.train.checkpoint import read_config  # noqa: E402
 
 
 def search_space(study_config: Path) -> tuple[dict[str, Any], str]:
@@ -59,16 +63,6 @@ def search_space(study_config: Path) -> tuple[dict[str, Any], str]:
     return raw["search"], metric
 
 
-def dotted(config: dict[str, Any], key: str) -> Any:
-    """config["a"]["b"] for key "a.b" (None when a section lacks it)."""
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def trial_records(study_dir: Path, search: dict[str, Any], metric: str) -> list[dict[str, Any]]:
     """One record per trial directory that has a checkpoint, best validation metric first."""
     trials = study_dir / TRIALS_DIR
@@ -77,12 +71,12 @@ def trial_records(study_dir: Path, search: dict[str, Any], metric: str) -> list[
     statuses = final_statuses(study_dir)
     records = []
     for run_dir in sorted(p for p in trials.iterdir() if p.is_dir()):
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        hist = trial_history(run_dir)  # the newest readable checkpoint
+        if hist is None:
             continue  # a trial that has not finished its first epoch yet
-        meta, config = read_meta(ckpt), read_config(ckpt)
+        config = flatten(read_config(hist["checkpoint"]))
         trial_id = run_dir.name.removeprefix("trial-")
-        history = [h.get(f"val_{metric}") for h in meta.get("history", [])]
+        history = [h.get(f"val_{metric}") for h in hist["history"]]
         finished = (run_dir / "metrics.json").is_file()  # the loop ran to its end (or its patience)
         status = statuses.get(trial_id, "UNKNOWN")
         if status == "TERMINATED":  # Tune's word for both; the checkpoints tell them apart
@@ -90,13 +84,13 @@ def trial_records(study_dir: Path, search: dict[str, Any], metric: str) -> list[
         records.append({
             "trial_id": trial_id,
             "status": status,
-            "epochs": len(history),
-            "best_epoch": int(meta["best_epoch"]),
-            f"val_{metric}": float(meta["best_metric"]),
+            "epochs": hist["epochs"],
+            "best_epoch": hist["best_epoch"],
+            f"val_{metric}": hist["best"],
             "finished": finished,
-            "params": {key: dotted(config, key) for key in search},
+            "params": {key: config.get(key) for key in search},
             "valid_history": history,
-            "epoch_seconds": [h.get("epoch_seconds") for h in meta.get("history", [])],
+            "epoch_seconds": [h.get("epoch_seconds") for h in hist["history"]],
         })
     if not records:
         raise SystemExit(f"{trials}: no trial has a checkpoint yet")
@@ -116,7 +110,7 @@ def final_statuses(study_dir: Path) -> dict[str, str]:
         return dict(zip(table["trial_id"], table["status"]))
     # one file per (re)start of the study, named by its start time: the newest name is the current
     # state (their modification times tell nothing: Tune's sync rewrites them all at once)
-    states = sorted((study_dir / "tuner").glob("experiment_state-*.json"))
+    states = sorted((study_dir / TUNER_DIR).glob("experiment_state-*.json"))
     if not states:
         return {}
     try:
