@@ -4,9 +4,9 @@
         --study runs/tune/beauty-echomamba4rec-cpu --out docs/results/tune-beauty-cpu
 
 Reads the study directory that `echomamba tune` writes (`tune.storage_path/tune.name`): every
-trial's run directory under `trials/` (its newest readable checkpoint, read by the study's own `trial_history`: the epochs it ran, its validation
-history, the best validation metric and epoch, and its config, from which the searched parameters
-are read back), and, once the study has ended, its `results.parquet` (trial statuses) and
+trial's run directory under `trials/` (its newest readable checkpoint, read by the study's own
+`trial_history`: the epochs it ran, its validation history, the best validation metric and epoch,
+and its config, from which the searched parameters are read back), and, once the study has ended, its `results.parquet` (trial statuses) and
 `best.yaml`. Trains and measures nothing.
 
 Writes into `--out` (each file atomically):
