@@ -46,8 +46,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import git_commit, hardware, shown_arg, shown_path, utc_now  # noqa: E402
-from table2 import DISPLAY, METRICS, PAPER, mean_std, paper_key, train_one  # noqa: E402
+from _common import command_line, git_commit, hardware, shown_arg, shown_path, utc_now  # noqa: E402
+from table2 import DISPLAY, METRICS, PAPER, _fmt, mean_std, paper_key, train_one  # noqa: E402
+from table2 import summarize as table2_summary  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
 from echomamba_dist.errors import ConfigError, NonFiniteScores  # noqa: E402
@@ -131,19 +132,10 @@ def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, d
 
 
 def summarize(label: str, records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """Over the seeds of one config: both protocols' test metrics, validation, epochs."""
-    return {
-        "label": label,
-        "model": records[0]["model"],
-        "settings": settings,
-        "seeds": [r["seed"] for r in records],
-        "test": {p: {m: mean_std([r["protocols"][p].get(m) for r in records]) for m in METRICS} for p in PROTOCOLS},
-        "valid": {m: mean_std([r["valid"].get(m) for r in records]) for m in METRICS},
-        "epochs_run": [r["epochs_run"] for r in records],
-        "best_epoch": [r["best_epoch"] for r in records],
-        "all_stopped_early": all(r["stopped_early"] for r in records),
-        "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in records]),
-    }
+    """Over the seeds of one config: table2's summary (validation, epochs, time), with the test
+    metrics of both protocols in place of its one."""
+    test = {p: {m: mean_std([r["protocols"][p].get(m) for r in records]) for m in METRICS} for p in PROTOCOLS}
+    return {"label": label, "settings": settings, **table2_summary(records), "test": test}
 
 
 def comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,12 +152,6 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append({"entry": label, "against": other, "protocol": protocol, "difference": ahead,
                             "ahead_on_both": all(v > 0 for v in ahead.values())})
     return out
-
-
-def _fmt(stat: dict[str, float]) -> str:
-    if not stat["n"]:
-        return "–"
-    return f"{stat['mean']:.4f}" if stat["n"] == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -246,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {
         "benchmark": "training configs x seeds to early stopping, two evaluation protocols",
-        "command": " ".join(["python", "benchmarks/seeds.py", *map(shown_arg, words)]),
+        "command": command_line(__file__, [shown_arg(w) for w in words]),
         "date": utc_now(),
         "git": git_commit(),
         "hardware": hardware("cpu"),
