@@ -15,8 +15,10 @@ LABEL (default: the config's `run.name`) names its rows and its runs, `<LABEL>-s
 per-worker loop (`train.seed` = the seed; `train.ray`, tracking and `train.exclude_history` off: the
 best epoch is chosen on validation under the paper's protocol). A run interrupted resumes from its
 checkpoints when the command runs again; a finished one is reused (`table2-run.json` in its run
-directory, kept while its config is unchanged), so two processes may train disjoint `--seeds` or
-`--config`s side by side and a later `--report-only` tabulates them all.
+directory, kept while its config is unchanged). A run that another process is training (it holds
+the run directory's lock, `train.runlock`) is skipped and listed as not finished, so two processes
+given the same command share its runs between them, each taking the next run nobody holds, and a
+later `--report-only` tabulates them all.
 
 The test split is scored with each run's best weights under two protocols, reported separately
 and never mixed:
@@ -53,6 +55,7 @@ from table2 import summarize as table2_summary  # noqa: E402
 from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
 from echomamba_dist.errors import ConfigError, NonFiniteScores  # noqa: E402
 from echomamba_dist.io import write_json_atomic, write_text_atomic  # noqa: E402
+from echomamba_dist.train.runlock import RunLockedError  # noqa: E402
 
 PROTOCOLS = ("paper", "exclude_history")
 # The settings a table shows for each config (dotted keys of the training config).
@@ -249,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, list[dict[str, Any]]] = {}
     fingerprints: set[str] = set()
 
+    def finished(run_dir: Path, label: str, record: dict[str, Any]) -> dict[str, Any]:
+        """A finished run's record for the report, with both protocols' test metrics."""
+        fingerprints.add(record["dataset_fingerprint"])
+        if len(fingerprints) > 1:
+            raise SystemExit(f"{run_dir}: trained on another dataset than the runs before it; one dataset a table")
+        return {k: v for k, v in record.items() if k != "config"} | {
+            "label": label, "run_name": run_dir.name, "protocols": protocol_metrics(run_dir, record["test"])}
+
     def publish() -> None:
         report["summary"] = {}
         for label, path, base in configs:
@@ -276,16 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                 if record.get("config") != cfg:
                     report["pending"].append(cfg["run"]["name"] + " (config changed)")
                     continue
+                record = finished(run_dir, label, record)
             else:
                 print(f"=== {label} seed {seed} ({run_dir.name})", flush=True)
-                record = train_one(cfg, fresh=False)
-            fingerprints.add(record["dataset_fingerprint"])
-            if len(fingerprints) > 1:
-                raise SystemExit(f"{run_dir}: trained on another dataset than the runs before it; one dataset a table")
-            record = {k: v for k, v in record.items() if k != "config"} | {
-                "label": label, "run_name": run_dir.name,
-                "protocols": protocol_metrics(run_dir, record["test"]),
-            }
+                try:
+                    trained = train_one(cfg, fresh=False)
+                except RunLockedError as exc:  # another process trains it: the next run
+                    print(f"skipped: {exc}", flush=True)
+                    report["pending"].append(cfg["run"]["name"] + " (training in another process)")
+                    continue
+                record = finished(run_dir, label, trained)
             records.setdefault(label, []).append(record)
             report["runs"].append(record)
             if not args.report_only:  # training: show progress after every run; a report: at its end only

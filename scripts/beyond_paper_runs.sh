@@ -10,12 +10,12 @@
 # 1. the search: echomamba tune with jobs/configs/tune-beauty-cpu.yaml (two trials at a time);
 #    waits first for a study process already running with that study file
 # 2. benchmarks/study_report.py -> docs/results/tune-beauty-cpu/ (best.yaml once the study ended)
-# 3. two lanes side by side, one thread each:
-#      lane 1: the tuned EchoMamba4Rec x seeds on Beauty; BERT4Rec with RecBole's prefix rows;
-#              the tuned EchoMamba4Rec x seeds on Video-Games
-#      lane 2: SASRec and Bi-Mamba4Rec x seeds on Beauty (paper settings); SASRec x seeds on Video-Games
-# 4. the tables: benchmarks/seeds.py --report-only -> docs/results/seeds-beauty.{json,md} and
-#    docs/results/seeds-video-games.{json,md}
+# 3. two workers side by side, one thread each, sharing the training runs (benchmarks/seeds.py locks
+#    each run while it trains it, so a worker takes the next run the other does not hold), in order:
+#    Beauty: the tuned EchoMamba4Rec, SASRec and Bi-Mamba4Rec (paper settings) x seeds; BERT4Rec
+#    with RecBole's prefix rows (the first seed); Video-Games: the tuned EchoMamba4Rec and SASRec x seeds
+# 4. the tables: benchmarks/seeds.py --report-only -> docs/results/seeds-beauty.{json,md},
+#    docs/results/bert4rec-prefix-beauty.{json,md} and docs/results/seeds-video-games.{json,md}
 #
 # Environment: RUNS (run directories and logs, outside the repository; default ../runs beside
 # the checkout), STUDY_SRC (the checkout the study runs from: a study resumes only with the code
@@ -47,10 +47,10 @@ step() {  # step LOG COMMAND...: run (or print) one step, its output appended to
   "$@" >> "$RUNS/$log" 2>&1
 }
 
-seeds() {  # seeds DATA RUNS_SUBDIR OUT_STEM [--config ...]: benchmarks/seeds.py for these configs
-  local data="$1" sub="$2" out="$3"; shift 3
+seeds() {  # seeds SEEDS DATA RUNS_SUBDIR OUT_STEM [--config ...]: benchmarks/seeds.py for these configs
+  local seeds="$1" data="$2" sub="$3" out="$4"; shift 4
   # shellcheck disable=SC2086
-  step "$sub.log" "$PY" benchmarks/seeds.py --seeds $SEEDS --set "data.path=$data" \
+  step "$sub-$out.log" "$PY" benchmarks/seeds.py --seeds $seeds --set "data.path=$data" \
     --runs "$RUNS/seeds/$sub" --out "$RUNS/seeds/$sub-$out.json" --dataset-name "amazon-$sub" "$@"
 }
 
@@ -71,33 +71,39 @@ step study-report.log "$PY" benchmarks/study_report.py --study-config "$STUDY_FI
   --out "$RESULTS/tune-beauty-cpu"
 [[ $DRY_RUN == 1 || -f "$BEST" ]] || { echo "no $BEST: the study has not ended" >&2; exit 1; }
 
-# 3. Two lanes.
+# 3. Two workers, one thread each, given the same runs in the same order. benchmarks/seeds.py holds
+# a lock on each run while it trains it, so each worker takes the next run the other does not hold:
+# Beauty (the tuned EchoMamba4Rec, SASRec, Bi-Mamba4Rec x seeds), BERT4Rec with RecBole's prefix
+# rows (one seed), Video-Games (the tuned EchoMamba4Rec, SASRec x seeds).
 # The tuned config trains with the baselines' stopping rule (the paper's: at most 300 epochs,
 # patience 10), not the study's shorter one (60, 5).
 TUNED=(--config "echomamba4rec-tuned=$BEST" --set train.epochs=300 --set train.patience=10)
-(
-  seeds "$BEAUTY" beauty lane1 "${TUNED[@]}"
-  step bert4rec.log "$PY" -m echomamba_dist.cli train --config jobs/configs/beauty-bert4rec-prefix.yaml \
-    --set train.ray=false --set "data.path=$BEAUTY" --set "run.storage_path=$RUNS"
-  seeds "$GAMES" video-games lane1 "${TUNED[@]}"
-) &
-LANE1=$!
-(
-  seeds "$BEAUTY" beauty lane2 --config sasrec=jobs/configs/beauty-sasrec.yaml \
-    --config bimamba4rec=jobs/configs/beauty-bimamba4rec.yaml
-  seeds "$GAMES" video-games lane2 --config sasrec=jobs/configs/beauty-sasrec.yaml
-) &
-LANE2=$!
-wait "$LANE1"
-wait "$LANE2"
+BEAUTY_CONFIGS=("${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml
+                --config bimamba4rec=jobs/configs/beauty-bimamba4rec.yaml)
+GAMES_CONFIGS=("${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml)
+BERT=(--config bert4rec-prefix=jobs/configs/beauty-bert4rec-prefix.yaml)
+BERT_SEEDS="${SEEDS%% *}"  # BERT4Rec: the first seed only
+worker() {  # worker N: every run in order, skipping those the other worker holds
+  seeds "$SEEDS" "$BEAUTY" beauty "worker$1" "${BEAUTY_CONFIGS[@]}"
+  seeds "$BERT_SEEDS" "$BEAUTY" beauty "bert4rec-worker$1" "${BERT[@]}"
+  seeds "$SEEDS" "$GAMES" video-games "worker$1" "${GAMES_CONFIGS[@]}"
+}
+if [[ $DRY_RUN == 1 ]]; then
+  worker 1; worker 2
+else
+  worker 1 & W1=$!
+  worker 2 & W2=$!
+  wait "$W1"
+  wait "$W2"
+fi
 
 # 4. The tables, from the finished runs (the baselines' configs already hold TUNED's stopping rule).
-# shellcheck disable=SC2086
-step report.log "$PY" benchmarks/seeds.py --report-only --seeds $SEEDS --set "data.path=$BEAUTY" \
-  --runs "$RUNS/seeds/beauty" --dataset-name amazon-beauty --out "$RESULTS/seeds-beauty.json" \
-  "${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml \
-  --config bimamba4rec=jobs/configs/beauty-bimamba4rec.yaml
-# shellcheck disable=SC2086
-step report.log "$PY" benchmarks/seeds.py --report-only --seeds $SEEDS --set "data.path=$GAMES" \
-  --runs "$RUNS/seeds/video-games" --dataset-name amazon-video-games --out "$RESULTS/seeds-video-games.json" \
-  "${TUNED[@]}" --config sasrec=jobs/configs/beauty-sasrec.yaml
+report() {  # report SEEDS DATA RUNS_SUBDIR DATASET OUT [--config ...]
+  local seeds="$1" data="$2" sub="$3" dataset="$4" out="$5"; shift 5
+  # shellcheck disable=SC2086
+  step report.log "$PY" benchmarks/seeds.py --report-only --seeds $seeds --set "data.path=$data" \
+    --runs "$RUNS/seeds/$sub" --dataset-name "$dataset" --out "$out" "$@"
+}
+report "$SEEDS" "$BEAUTY" beauty amazon-beauty "$RESULTS/seeds-beauty.json" "${BEAUTY_CONFIGS[@]}"
+report "$BERT_SEEDS" "$BEAUTY" beauty amazon-beauty "$RESULTS/bert4rec-prefix-beauty.json" "${BERT[@]}"
+report "$SEEDS" "$GAMES" video-games amazon-video-games "$RESULTS/seeds-video-games.json" "${GAMES_CONFIGS[@]}"

@@ -31,16 +31,20 @@ def test_the_steps_in_order_with_runs_outside_the_repository(tmp_path):
     assert f"--set run.storage_path={runs} --set tune.storage_path={runs}/tune" in lines[tune]
     report = _index(lines, "benchmarks/study_report.py")
     assert f"--study {runs}/tune/beauty-echomamba4rec-cpu --out docs/results/tune-beauty-cpu" in lines[report]
-    tuned_beauty = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-beauty", "echomamba4rec-tuned=")
-    baselines = _index(lines, "seeds.py --seeds 1 2", "amazon-beauty", "sasrec=", "bimamba4rec=")
-    bert = _index(lines, "cli train --config jobs/configs/beauty-bert4rec-prefix.yaml")
-    tuned_games = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-video-games", "echomamba4rec-tuned=")
-    sasrec_games = _index(lines, "seeds.py --seeds 1 2 --set data.path=prepared/amazon-video-games", "--config sasrec=")
+    # two workers, each given every training run in the same order (seeds.py's run locks share them out)
+    beauty = ("seeds.py --seeds 1 2 --set data.path=prepared/amazon-beauty", "echomamba4rec-tuned=", "sasrec=",
+              "bimamba4rec=", "--set train.epochs=300 --set train.patience=10")
+    bert = ("seeds.py --seeds 1 --set data.path=prepared/amazon-beauty", "bert4rec-prefix=jobs/configs/beauty-bert4rec-prefix.yaml")
+    games = ("seeds.py --seeds 1 2 --set data.path=prepared/amazon-video-games", "echomamba4rec-tuned=", "--config sasrec=")
+    workers = [[_index(lines, *needles, f"-worker{n}.json") for needles in (beauty, bert, games)] for n in (1, 2)]
+    for steps in workers:
+        assert report < steps[0] < steps[1] < steps[2]
+    assert [lines[i].replace("worker2", "worker1") for i in workers[1]] == [lines[i] for i in workers[0]]
     tables = [i for i, line in enumerate(lines) if "--report-only" in line]
-    assert tune < report < min(tuned_beauty, baselines) and tuned_beauty < bert < tuned_games and baselines < sasrec_games
-    assert len(tables) == 2 and min(tables) > max(tuned_games, sasrec_games, bert)
-    assert "--out docs/results/seeds-beauty.json" in lines[tables[0]]
-    assert "--out docs/results/seeds-video-games.json" in lines[tables[1]]
+    assert len(tables) == 3 and min(tables) > max(max(w) for w in workers)
+    assert "--out docs/results/seeds-beauty.json" in lines[tables[0]] and all(n in lines[tables[0]] for n in beauty[1:])
+    assert "--out docs/results/bert4rec-prefix-beauty.json" in lines[tables[1]] and "--seeds 1 " in lines[tables[1]]
+    assert "--out docs/results/seeds-video-games.json" in lines[tables[2]] and "bimamba4rec=" not in lines[tables[2]]
     for line in lines:  # training runs only under RUNS; nothing of this machine's paths in the repo's reports
         if "--runs" in line:
             assert f"--runs {runs}/seeds/" in line
@@ -56,4 +60,4 @@ def test_an_ended_search_is_not_run_again(tmp_path):
     lines = _dry_run(runs)
     steps = [line for line in lines if "cli prepare" not in line]  # preparing: only where data is missing
     assert not any("cli tune" in line for line in steps)
-    assert "benchmarks/study_report.py" in steps[0] and len(steps) == 8
+    assert "benchmarks/study_report.py" in steps[0] and len(steps) == 10

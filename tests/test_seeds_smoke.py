@@ -110,6 +110,34 @@ def test_seeds_trains_each_config_and_seed_and_reports_both_protocols(tmp_path):
     assert out.read_text() == before  # the report before it stays as it was
 
 
+def test_seeds_skips_a_run_another_process_trains_and_takes_it_once_free(tmp_path):
+    """Two processes with the same command share its runs: a run whose directory another process
+    holds (its run lock) is skipped and listed as not finished; the same command trains it once it
+    is free."""
+    from echomamba_dist.train.runlock import RunLock
+
+    echo = tmp_path / "echo.yaml"
+    echo.write_text(yaml.safe_dump({**TINY, "model": {"name": "echomamba4rec", "hidden_size": 16}}))
+    runs, out = tmp_path / "runs", tmp_path / "seeds.json"
+    args = ["--config", f"echo={echo}", "--seeds", "1", "2", "--runs", str(runs), "--out", str(out)]
+    with RunLock(runs / "echo-seed1"):  # as a process training echo-seed1 holds it
+        proc = _run(*args)
+        assert f"skipped: {runs / 'echo-seed1'}: run is in use by pid {os.getpid()}" in proc.stdout
+        report = json.loads(out.read_text())
+        assert not report["complete"] and report["pending"] == ["echo-seed1 (training in another process)"]
+        assert [r["run_name"] for r in report["runs"]] == ["echo-seed2"]
+        assert not list((runs / "echo-seed1").glob("epoch_*")) and (runs / "echo-seed2" / "table2-run.json").is_file()
+        assert "Not finished yet: echo-seed1 (training in another process)." in out.with_suffix(".md").read_text()
+    # the holder has ended (its lock with it): the same command trains seed 1 and reuses seed 2
+    stamp = (runs / "echo-seed2" / "table2-run.json").stat().st_mtime_ns
+    _run(*args)
+    report = json.loads(out.read_text())
+    assert report["complete"] and [r["run_name"] for r in report["runs"]] == ["echo-seed1", "echo-seed2"]
+    assert (runs / "echo-seed2" / "table2-run.json").stat().st_mtime_ns == stamp
+    with RunLock(runs / "echo-seed1"):  # and the command let go of it when it ended
+        pass
+
+
 def test_seeds_refuses_a_bad_config_by_name(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"name": "echomamba4rec", "hiden_size": 3}}))
