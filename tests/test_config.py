@@ -176,11 +176,33 @@ def test_every_job_config_loads_with_its_loader():
             cfg = load(ExperimentConfig, path)
             assert cfg.run.name, path
     # the paper's Beauty runs: the settings of §4.1
-    for model in ("echomamba4rec", "sasrec", "gru4rec", "mamba4rec"):
-        cfg = load(ExperimentConfig, JOB_CONFIGS / f"beauty-{model}.yaml")
-        assert cfg.model_name == model and (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (2048, 1e-3, 10)
+    for name in ("echomamba4rec-paper", "sasrec", "gru4rec", "mamba4rec"):
+        cfg = load(ExperimentConfig, JOB_CONFIGS / f"beauty-{name}.yaml")
+        assert cfg.model_name == name.removesuffix("-paper")
+        assert (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (2048, 1e-3, 10)
         assert cfg.data.max_len == 50 and cfg.model.hidden_size == 64 and cfg.model.dropout == 0.2
     assert load(ExperimentConfig, JOB_CONFIGS / "beauty-gru4rec.yaml").sample_mode == "prefix"
+
+
+def test_the_beauty_default_is_the_searchs_best_trial():
+    """jobs/configs/beauty-echomamba4rec.yaml holds what the Beauty search chose (its best.yaml in
+    docs/results/), every searched key, with the paper's stopping rule and data in place of the
+    study's; the paper's own settings stay in beauty-echomamba4rec-paper.yaml."""
+    from echomamba_dist.distributed.tune.study import load_study
+
+    study = load_study(JOB_CONFIGS / "tune-beauty-cpu.yaml")
+    best = flatten(to_dict(load(ExperimentConfig, JOB_CONFIGS.parents[1] / "docs/results/tune-beauty-cpu/best.yaml")))
+    default = flatten(to_dict(load(ExperimentConfig, JOB_CONFIGS / "beauty-echomamba4rec.yaml")))
+    paper = flatten(to_dict(load(ExperimentConfig, JOB_CONFIGS / "beauty-echomamba4rec-paper.yaml")))
+    searched = sorted(study.search)
+    assert len(searched) >= 10 and "model.filter" in searched and "train.lr" in searched
+    if best["model.filter"] is False:  # the filter's own settings build nothing without it
+        searched = [k for k in searched if not k.startswith("model.filter_")]
+    assert {k: default[k] for k in searched} == {k: best[k] for k in searched}
+    assert any(default[k] != paper[k] for k in searched)
+    for key in ("model.name", "model.hidden_size", "model.num_layers", "data.max_len", "train.batch_size"):
+        assert default[key] == best[key] == paper[key], key
+    assert (default["train.epochs"], default["train.patience"]) == (paper["train.epochs"], paper["train.patience"]) == (300, 10)
 
 
 # ----------------------------------------------------------------------------------------------
