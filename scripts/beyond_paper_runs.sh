@@ -10,8 +10,8 @@
 # 1. the search: echomamba tune with jobs/configs/tune-beauty-cpu.yaml (two trials at a time);
 #    waits first for a study process already running with that study file
 # 2. benchmarks/study_report.py -> docs/results/tune-beauty-cpu/ (best.yaml once the study ended)
-# 3. two workers side by side, one thread each, sharing the training runs (benchmarks/seeds.py locks
-#    each run while it trains it, so a worker takes the next run the other does not hold), in order:
+# 3. two workers side by side, one thread each, sharing the training runs (benchmarks/seeds.py skips
+#    a run whose directory the other worker's trainer has locked and takes the next one), in order:
 #    Beauty: the tuned EchoMamba4Rec, SASRec and Bi-Mamba4Rec (paper settings) x seeds; BERT4Rec
 #    with RecBole's prefix rows (the first seed); Video-Games: the tuned EchoMamba4Rec and SASRec x seeds
 # 4. the tables: benchmarks/seeds.py --report-only -> docs/results/seeds-beauty.{json,md},
@@ -47,11 +47,14 @@ step() {  # step LOG COMMAND...: run (or print) one step, its output appended to
   "$@" >> "$RUNS/$log" 2>&1
 }
 
-seeds() {  # seeds SEEDS DATA RUNS_SUBDIR OUT_STEM [--config ...]: benchmarks/seeds.py for these configs
-  local seeds="$1" data="$2" sub="$3" out="$4"; shift 4
+seeds_py() {  # seeds_py LOG SEEDS DATA RUNS_SUBDIR OUT [ARGS...]: benchmarks/seeds.py, runs in RUNS/seeds/RUNS_SUBDIR
+  local log="$1" seeds="$2" data="$3" sub="$4" out="$5"; shift 5
   # shellcheck disable=SC2086
-  step "$sub-$out.log" "$PY" benchmarks/seeds.py --seeds $seeds --set "data.path=$data" \
-    --runs "$RUNS/seeds/$sub" --out "$RUNS/seeds/$sub-$out.json" --dataset-name "amazon-$sub" "$@"
+  step "$log" "$PY" benchmarks/seeds.py --seeds $seeds --set "data.path=$data" \
+    --runs "$RUNS/seeds/$sub" --dataset-name "amazon-$sub" --out "$out" "$@"
+}
+seeds() {  # seeds SEEDS DATA RUNS_SUBDIR STEM [--config ...]: train these configs x SEEDS (report in RUNS)
+  seeds_py "$3-$4.log" "$1" "$2" "$3" "$RUNS/seeds/$3-$4.json" "${@:5}"
 }
 
 cd "$ROOT"
@@ -71,8 +74,9 @@ step study-report.log "$PY" benchmarks/study_report.py --study-config "$STUDY_FI
   --out "$RESULTS/tune-beauty-cpu"
 [[ $DRY_RUN == 1 || -f "$BEST" ]] || { echo "no $BEST: the study has not ended" >&2; exit 1; }
 
-# 3. Two workers, one thread each, given the same runs in the same order. benchmarks/seeds.py holds
-# a lock on each run while it trains it, so each worker takes the next run the other does not hold:
+# 3. Two workers, one thread each, given the same runs in the same order. A trainer locks its run
+# directory and benchmarks/seeds.py skips a locked run, so each worker takes the next run the other
+# does not hold:
 # Beauty (the tuned EchoMamba4Rec, SASRec, Bi-Mamba4Rec x seeds), BERT4Rec with RecBole's prefix
 # rows (one seed), Video-Games (the tuned EchoMamba4Rec, SASRec x seeds).
 # The tuned config trains with the baselines' stopping rule (the paper's: at most 300 epochs,
@@ -98,12 +102,9 @@ else
 fi
 
 # 4. The tables, from the finished runs (the baselines' configs already hold TUNED's stopping rule).
-report() {  # report SEEDS DATA RUNS_SUBDIR DATASET OUT [--config ...]
-  local seeds="$1" data="$2" sub="$3" dataset="$4" out="$5"; shift 5
-  # shellcheck disable=SC2086
-  step report.log "$PY" benchmarks/seeds.py --report-only --seeds $seeds --set "data.path=$data" \
-    --runs "$RUNS/seeds/$sub" --dataset-name "$dataset" --out "$out" "$@"
+report() {  # report SEEDS DATA RUNS_SUBDIR OUT [--config ...]: the table of the finished runs
+  seeds_py report.log "$1" "$2" "$3" "$4" --report-only "${@:5}"
 }
-report "$SEEDS" "$BEAUTY" beauty amazon-beauty "$RESULTS/seeds-beauty.json" "${BEAUTY_CONFIGS[@]}"
-report "$BERT_SEEDS" "$BEAUTY" beauty amazon-beauty "$RESULTS/bert4rec-prefix-beauty.json" "${BERT[@]}"
-report "$SEEDS" "$GAMES" video-games amazon-video-games "$RESULTS/seeds-video-games.json" "${GAMES_CONFIGS[@]}"
+report "$SEEDS" "$BEAUTY" beauty "$RESULTS/seeds-beauty.json" "${BEAUTY_CONFIGS[@]}"
+report "$BERT_SEEDS" "$BEAUTY" beauty "$RESULTS/bert4rec-prefix-beauty.json" "${BERT[@]}"
+report "$SEEDS" "$GAMES" video-games "$RESULTS/seeds-video-games.json" "${GAMES_CONFIGS[@]}"
