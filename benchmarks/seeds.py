@@ -20,6 +20,13 @@ the run directory's lock, `train.runlock`) is skipped and listed as not finished
 given the same command share its runs between them, each taking the next run nobody holds, and a
 later `--report-only` tabulates them all.
 
+`--archive DIR` keeps every finished run's record (its config without `run.storage_path`, its
+validation history, both protocols' test metrics; a few kilobytes, no weights) as `DIR/<run name>.json`,
+for the repository: run directories live outside it, on one machine. A run whose archived record
+has the same config is finished wherever the command runs next: it is not trained again (nor
+scored again) and stands in the table as it was recorded. Training, the run directory's record
+goes first (and refreshes the archive); an archived record of another config is a run not finished.
+
 The test split is scored with each run's best weights under two protocols, reported separately
 and never mixed:
 - paper: full ranking over all items (the paper's protocol; what training reports in metrics.json,
@@ -97,6 +104,35 @@ def seed_config(base: dict[str, Any], label: str, seed: int, runs_dir: Path) -> 
 
 
 PROTOCOLS_FILE = "protocols.json"  # in a run directory: both protocols' test metrics, and of which checkpoint
+
+
+def portable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without where its run directory was (`run.storage_path`): what two machines'
+    runs of one (config, seed) share."""
+    return cfg | {"run": {k: v for k, v in cfg["run"].items() if k != "storage_path"}}
+
+
+def archived_record(archive: Path | None, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The archived record of this run (None when there is none, or it is of another config)."""
+    if archive is None:
+        return None
+    path = archive / f"{cfg['run']['name']}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not a run record (invalid JSON: {exc})") from None
+    missing = {"config", "protocols", "test", "valid", "dataset_fingerprint"} - set(record)
+    if missing:
+        raise SystemExit(f"{path}: not a run record (no {', '.join(sorted(missing))})")
+    return record if record["config"] == portable_config(cfg) else None
+
+
+def archive_record(archive: Path, cfg: dict[str, Any], record: dict[str, Any]) -> None:
+    """Keep a finished run's record (as reported, with its portable config) in the archive."""
+    keep = {k: v for k, v in record.items() if k not in ("reused", "archived", "wall_seconds_this_session")}
+    write_json_atomic(archive / f"{cfg['run']['name']}.json", keep | {"config": portable_config(cfg)})
 
 
 def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -194,6 +230,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         spe = f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else "–"
         valid = r["valid"].get("ndcg@10", float("nan"))
         lines.append(f"| {r['label']} | {r['seed']} | {r['epochs_run']} | {r['best_epoch'] + 1} | {valid:.4f} | {spe} |")
+    if report.get("archive"):
+        lines += ["", f"Finished runs' records (config, validation history, test metrics): `{report['archive']}/<run>.json`."]
     if report["pending"]:
         lines += ["", "Not finished yet: " + ", ".join(report["pending"]) + "."]
     lines += ["", "## Settings", ""]
@@ -222,6 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="JSON output; the markdown goes beside it")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished runs")
     parser.add_argument("--dataset-name", default=None, help="names the dataset (default: from data.path)")
+    parser.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                        help="keep each finished run's record in DIR (in the repository); a run archived "
+                             "with the same config is not trained again")
     return parser.parse_args(argv)
 
 
@@ -243,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper_dataset": paper_key(dataset),
         "seeds": args.seeds,
         "runs_dir": shown_path(runs_dir),
+        "archive": shown_path(args.archive) if args.archive else None,
         "runs": [],
         "pending": [],
         "summary": {},
@@ -252,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, list[dict[str, Any]]] = {}
     fingerprints: set[str] = set()
 
-    def finished(run_dir: Path, label: str, record: dict[str, Any]) -> dict[str, Any]:
-        """A finished run's record for the report, with both protocols' test metrics."""
+    def same_dataset(where: Path, record: dict[str, Any]) -> None:
         fingerprints.add(record["dataset_fingerprint"])
         if len(fingerprints) > 1:
-            raise SystemExit(f"{run_dir}: trained on another dataset than the runs before it; one dataset a table")
+            raise SystemExit(f"{where}: trained on another dataset than the runs before it; one dataset a table")
+
+    def finished(run_dir: Path, label: str, record: dict[str, Any]) -> dict[str, Any]:
+        """A finished run's record for the report, with both protocols' test metrics."""
+        same_dataset(run_dir, record)
         return {k: v for k, v in record.items() if k != "config"} | {
             "label": label, "run_name": run_dir.name, "protocols": protocol_metrics(run_dir, record["test"])}
 
@@ -279,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = seed_config(base, label, seed, runs_dir)
             run_dir = runs_dir / cfg["run"]["name"]
             record_file = run_dir / "table2-run.json"
-            if args.report_only:
+            archived = archived_record(args.archive, cfg)
+            if archived is not None and not record_file.is_file():  # finished on another machine
+                same_dataset(args.archive / f"{run_dir.name}.json", archived)
+                record = {k: v for k, v in archived.items() if k != "config"} | {"label": label, "archived": True}
+            elif args.report_only:
                 if not record_file.is_file():
                     report["pending"].append(cfg["run"]["name"])
                     continue
@@ -297,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["pending"].append(cfg["run"]["name"] + " (training in another process)")
                     continue
                 record = finished(run_dir, label, trained)
+            if args.archive is not None and not record.get("archived"):
+                archive_record(args.archive, cfg, record)
             records.setdefault(label, []).append(record)
             report["runs"].append(record)
             if not args.report_only:  # training: show progress after every run; a report: at its end only

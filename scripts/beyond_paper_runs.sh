@@ -8,12 +8,16 @@
 #   scripts/beyond_paper_runs.sh --dry-run  # print the steps, run nothing
 #
 # 1. the search: echomamba tune with jobs/configs/tune-beauty-cpu.yaml (two trials at a time);
-#    waits first for a study process already running with that study file
-# 2. benchmarks/study_report.py -> docs/results/tune-beauty-cpu/ (best.yaml once the study ended)
+#    waits first for a study process already running with that study file; skipped once the
+#    search has ended (docs/results/tune-beauty-cpu/best.yaml is there)
+# 2. benchmarks/study_report.py -> docs/results/tune-beauty-cpu/ (best.yaml once the study ended);
+#    only where the study directory is (RUNS/tune)
 # 3. two workers side by side, one thread each, sharing the training runs (benchmarks/seeds.py skips
 #    a run whose directory the other worker's trainer has locked and takes the next one), in order:
 #    Beauty: the tuned EchoMamba4Rec, SASRec and Bi-Mamba4Rec (paper settings) x seeds; BERT4Rec
-#    with RecBole's prefix rows (the first seed); Video-Games: the tuned EchoMamba4Rec and SASRec x seeds
+#    with RecBole's prefix rows (the first seed); Video-Games: the tuned EchoMamba4Rec and SASRec x seeds;
+#    each finished run's record is kept in docs/results/seeded-runs/ (commit it: a run recorded there
+#    is not trained again, on this machine or another)
 # 4. the tables: benchmarks/seeds.py --report-only -> docs/results/seeds-beauty.{json,md},
 #    docs/results/bert4rec-prefix-beauty.{json,md} and docs/results/seeds-video-games.{json,md}
 #
@@ -49,9 +53,11 @@ step() {  # step LOG COMMAND...: run (or print) one step, its output appended to
 
 seeds_py() {  # seeds_py LOG SEEDS DATA RUNS_SUBDIR OUT [ARGS...]: benchmarks/seeds.py, runs in RUNS/seeds/RUNS_SUBDIR
   local log="$1" seeds="$2" data="$3" sub="$4" out="$5"; shift 5
+  # Finished runs' records go to docs/results/seeded-runs/ (committed): on a machine without these
+  # run directories, the runs they hold are not trained again.
   # shellcheck disable=SC2086
   step "$log" "$PY" benchmarks/seeds.py --seeds $seeds --set "data.path=$data" \
-    --runs "$RUNS/seeds/$sub" --dataset-name "amazon-$sub" --out "$out" "$@"
+    --runs "$RUNS/seeds/$sub" --archive "$RESULTS/seeded-runs/$sub" --dataset-name "amazon-$sub" --out "$out" "$@"
 }
 seeds() {  # seeds SEEDS DATA RUNS_SUBDIR STEM [--config ...]: train these configs x SEEDS (report in RUNS)
   seeds_py "$3-$4.log" "$1" "$2" "$3" "$RUNS/seeds/$3-$4.json" "${@:5}"
@@ -61,17 +67,20 @@ cd "$ROOT"
 [[ -d "$BEAUTY" ]] || step prepare.log "$PY" -m echomamba_dist.cli prepare --input ../shared/data/amazon-beauty.txt --output "$BEAUTY"
 [[ -d "$GAMES" ]] || step prepare.log "$PY" -m echomamba_dist.cli prepare --input ../shared/data/amazon-video-games.txt --output "$GAMES"
 
-# 1. The search.
-if [[ ! -f "$STUDY/results.parquet" ]]; then
+# 1. The search (skipped once its best.yaml is in docs/results: the study ended, perhaps on another
+# machine whose study directory is not here).
+if [[ ! -f "$BEST" && ! -f "$STUDY/results.parquet" ]]; then
   while [[ $DRY_RUN == 0 ]] && pgrep -f "tune --config $STUDY_FILE" > /dev/null; do sleep 60; done
   if [[ ! -f "$STUDY/results.parquet" ]]; then
     (cd "$STUDY_SRC" && PYTHONPATH="$STUDY_SRC" step tune.log "$PY" -m echomamba_dist.cli tune --config "$STUDY_FILE" \
       --set "data.path=$ROOT/$BEAUTY" --set "run.storage_path=$RUNS" --set "tune.storage_path=$RUNS/tune")
   fi
 fi
-# 2. Its report, and best.yaml into docs/results/.
-step study-report.log "$PY" benchmarks/study_report.py --study-config "$STUDY_FILE" --study "$STUDY" \
-  --out "$RESULTS/tune-beauty-cpu"
+# 2. Its report, and best.yaml into docs/results/ (from the study directory, where it is here).
+if [[ -d "$STUDY" ]] || [[ $DRY_RUN == 1 && ! -f "$BEST" ]]; then
+  step study-report.log "$PY" benchmarks/study_report.py --study-config "$STUDY_FILE" --study "$STUDY" \
+    --out "$RESULTS/tune-beauty-cpu"
+fi
 [[ $DRY_RUN == 1 || -f "$BEST" ]] || { echo "no $BEST: the study has not ended" >&2; exit 1; }
 
 # 3. Two workers, one thread each, given the same runs in the same order. A trainer locks its run

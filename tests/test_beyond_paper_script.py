@@ -4,6 +4,7 @@ run directories under RUNS, repository paths relative, and the search skipped on
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,11 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "beyond_paper_runs.sh"
 
 
-def _dry_run(runs: Path) -> list[str]:
+def _dry_run(runs: Path, script: Path = SCRIPT) -> list[str]:
     env = dict(os.environ, RUNS=str(runs), SEEDS="1 2", PYTHON="python")
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
+
+
+def _before_the_search(tmp_path: Path) -> Path:
+    """The script in a checkout whose search has not ended (no docs/results/tune-beauty-cpu/best.yaml)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy2(SCRIPT, checkout / "scripts" / SCRIPT.name)
+    return checkout / "scripts" / SCRIPT.name
 
 
 def _index(lines: list[str], *needles: str) -> int:
@@ -26,7 +35,7 @@ def _index(lines: list[str], *needles: str) -> int:
 
 def test_the_steps_in_order_with_runs_outside_the_repository(tmp_path):
     runs = tmp_path / "runs"
-    lines = _dry_run(runs)
+    lines = _dry_run(runs, _before_the_search(tmp_path))
     tune = _index(lines, "echomamba_dist.cli tune --config jobs/configs/tune-beauty-cpu.yaml")
     assert f"--set run.storage_path={runs} --set tune.storage_path={runs}/tune" in lines[tune]
     report = _index(lines, "benchmarks/study_report.py")
@@ -48,6 +57,9 @@ def test_the_steps_in_order_with_runs_outside_the_repository(tmp_path):
     for line in lines:  # training runs only under RUNS; nothing of this machine's paths in the repo's reports
         if "--runs" in line:
             assert f"--runs {runs}/seeds/" in line
+            # and every finished run's record is kept in the repository, by dataset
+            sub = "video-games" if "amazon-video-games" in line else "beauty"
+            assert f"--archive docs/results/seeded-runs/{sub} " in line
         assert str(REPO) not in line.replace(f"data.path={REPO}/prepared", "")
     assert not (runs / "tune").exists() and not (runs / "seeds").exists()  # a dry run runs nothing
 
@@ -61,3 +73,13 @@ def test_an_ended_search_is_not_run_again(tmp_path):
     steps = [line for line in lines if "cli prepare" not in line]  # preparing: only where data is missing
     assert not any("cli tune" in line for line in steps)
     assert "benchmarks/study_report.py" in steps[0] and len(steps) == 10
+
+
+def test_an_ended_search_needs_no_study_directory(tmp_path):
+    """On a machine without the study's directory (another machine, a fresh one), the search that
+    ended (its best.yaml in docs/results) is neither run again nor reported again: training starts."""
+    assert (REPO / "docs" / "results" / "tune-beauty-cpu" / "best.yaml").is_file()
+    steps = [line for line in _dry_run(tmp_path / "runs") if "cli prepare" not in line]
+    assert not any("cli tune" in line or "study_report.py" in line for line in steps)
+    assert "seeds.py" in steps[0] and "echomamba4rec-tuned=docs/results/tune-beauty-cpu/best.yaml" in steps[0]
+    assert len(steps) == 9

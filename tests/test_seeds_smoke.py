@@ -146,3 +146,46 @@ def test_seeds_refuses_a_bad_config_by_name(tmp_path):
                            "--out", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "bad.yaml" in proc.stderr and "hiden_size" in proc.stderr
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "r").exists()
+
+
+def test_seeds_archive_keeps_finished_runs_for_another_machine(tmp_path):
+    """--archive keeps each finished run's record (no weights, no machine path); the same command
+    on a machine without the run directories trains nothing it archived and reports the same numbers."""
+    echo = tmp_path / "echo.yaml"
+    echo.write_text(yaml.safe_dump({**TINY, "model": {"name": "echomamba4rec", "hidden_size": 16}}))
+    archive, out = tmp_path / "repo" / "archive", tmp_path / "seeds.json"
+    base = ["--config", f"echo={echo}", "--archive", str(archive), "--out", str(out)]
+    _run(*base, "--seeds", "1", "--runs", str(tmp_path / "machine1"))
+    first = json.loads(out.read_text())
+    kept = json.loads((archive / "echo-seed1.json").read_text())
+    assert sorted(p.name for p in archive.iterdir()) == ["echo-seed1.json"]
+    assert "storage_path" not in kept["config"]["run"] and kept["config"]["train"]["seed"] == 1
+    assert str(tmp_path / "machine1") not in json.dumps(kept)  # nothing of the machine it ran on
+    assert kept["protocols"] == first["runs"][0]["protocols"] and len(kept["valid_history"]) == kept["epochs_run"]
+
+    # another machine, seeds 1 and 2: seed 1 comes from the archive (not trained, not scored), seed 2 trains
+    machine2 = tmp_path / "machine2"
+    proc = _run(*base, "--seeds", "1", "2", "--runs", str(machine2))
+    assert "=== echo seed 1" not in proc.stdout and "=== echo seed 2" in proc.stdout
+    assert sorted(d.name for d in machine2.iterdir()) == ["echo-seed2"]
+    report = json.loads(out.read_text())
+    assert report["complete"] and [r["seed"] for r in report["runs"]] == [1, 2]
+    assert report["runs"][0]["archived"] and report["runs"][0]["protocols"] == kept["protocols"]
+    assert sorted(p.name for p in archive.iterdir()) == ["echo-seed1.json", "echo-seed2.json"]
+    # a third machine reports both from the archive alone
+    _run(*base, "--seeds", "1", "2", "--runs", str(tmp_path / "machine3"), "--report-only")
+    assert json.loads(out.read_text())["summary"] == report["summary"]
+    assert not (tmp_path / "machine3").exists()
+    assert "records (config, validation history, test metrics): `repo/archive/<run>.json`" in out.with_suffix(".md").read_text()
+
+    # a record of another config is not this run's: reported as not finished, trained when training
+    _run(*base, "--seeds", "1", "--set", "train.lr=0.004", "--runs", str(tmp_path / "machine4"), "--report-only")
+    assert json.loads(out.read_text())["pending"] == ["echo-seed1"]
+    # a damaged record: an error naming it, no report written over the one before
+    (archive / "echo-seed2.json").write_text("{\"config\": ")
+    before = out.read_text()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *base, "--seeds", "2", "--runs", str(tmp_path / "machine5"),
+                           "--report-only"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "echo-seed2.json: not a run record (invalid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr and out.read_text() == before
