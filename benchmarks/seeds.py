@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import command_line, git_commit, hardware, shown_arg, shown_path, utc_now  # noqa: E402
-from table2 import DISPLAY, METRICS, PAPER, _fmt, mean_std, paper_key, train_one  # noqa: E402
+from table2 import DATASET_NOTES, DISPLAY, METRICS, PAPER, _fmt, _targets, mean_std, paper_key, train_one  # noqa: E402
 from table2 import summarize as table2_summary  # noqa: E402
 
 from echomamba_dist.config import ExperimentConfig, load, to_dict  # noqa: E402
@@ -193,6 +193,22 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def relative(value: float, reference: float) -> float:
+    """value / reference - 1 (the fraction by which value is above reference; negative below)."""
+    return value / reference - 1.0
+
+
+def targets(summary: dict[str, dict[str, Any]], paper_dataset: str | None) -> list[dict[str, Any]]:
+    """The issue's targets (table2's `TARGETS`) against the means under the paper's protocol, each
+    with its difference: absolute and relative to the target."""
+    out = []
+    for t in _targets({label: {"model": s["model"], "test": s["test"]["paper"]} for label, s in summary.items()}, paper_dataset):
+        ok = t["measured"] is not None and math.isfinite(t["measured"])
+        out.append(t | {"difference": t["measured"] - t["target"] if ok else None,
+                        "relative": relative(t["measured"], t["target"]) if ok else None})
+    return out
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     hw = report["hardware"]
     commit = f"commit `{(report['git']['commit'] or 'unknown')[:12]}`" + (" (uncommitted changes)" if report["git"]["dirty"] else "")
@@ -208,6 +224,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
     ]
+    if report.get("paper_dataset") in DATASET_NOTES:
+        lines += [f"**Note:** {DATASET_NOTES[report['paper_dataset']]}", ""]
     paper = PAPER.get(report.get("paper_dataset") or "", {})
     titles = {
         "paper": "Protocol 1, the paper's: full ranking over all items",
@@ -215,14 +233,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     }
     for protocol in PROTOCOLS:
         with_paper = protocol == "paper" and paper
-        head = ["config", "model", "HR@10", "NDCG@10", "MRR@10"] + (["paper HR@10", "paper NDCG@10"] if with_paper else [])
+        head = ["config", "model", "HR@10", "NDCG@10", "MRR@10"]
+        head += ["paper HR@10", "paper NDCG@10", "vs paper (HR, NDCG)"] if with_paper else []
         lines += [f"## {titles[protocol]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label, s in report["summary"].items():
             cells = [label + ("" if s["all_stopped_early"] else " †"), DISPLAY.get(s["model"], s["model"])]
             cells += [_fmt(s["test"][protocol][m]) for m in METRICS]
             if with_paper:
                 ref = paper.get(s["model"])
-                cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}"] if ref else ["–", "–"]
+                test = s["test"][protocol]
+                if ref and test["hr@10"]["n"]:
+                    gap = [relative(test[m]["mean"], r) for m, r in zip(("hr@10", "ndcg@10"), ref)]
+                    cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}", f"{gap[0]:+.1%}, {gap[1]:+.1%}"]
+                else:
+                    cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}", "–"] if ref else ["–", "–", "–"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Runs", "", "| config | seed | epochs run | best epoch | valid NDCG@10 | s / epoch |", "|---|---|---|---|---|---|"]
@@ -245,6 +269,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             verdict = "ahead on both" if c["ahead_on_both"] else "not ahead on both"
             lines.append(f"- {c['entry']} vs {c['against']}, {c['protocol']}: HR@10 {d['hr@10']:+.4f}, "
                          f"NDCG@10 {d['ndcg@10']:+.4f} ({verdict})")
+    if report.get("targets"):
+        lines += ["", "## Targets (the issue's; the paper's protocol, mean over the seeds)", "",
+                  "| model | metric | target | measured | difference | met |", "|---|---|---|---|---|---|"]
+        for t in report["targets"]:
+            measured = "–" if t["measured"] is None else f"{t['measured']:.4f}"
+            diff = "–" if t["difference"] is None else f"{t['difference']:+.4f} ({t['relative']:+.1%})"
+            met = "–" if t["met"] is None else ("yes" if t["met"] else "no")
+            lines.append(f"| {DISPLAY[t['model']]} | {t['metric']} | ≥ {t['target']:.4f} | {measured} | {diff} | {met} |")
     lines += ["", "† a run of this config reached its epoch limit before early stopping.", "Best epoch counts from 1."]
     return "\n".join(lines) + "\n"
 
@@ -289,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "pending": [],
         "summary": {},
         "comparisons": [],
+        "targets": [],
         "complete": False,
     }
     records: dict[str, list[dict[str, Any]]] = {}
@@ -315,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings[key] = base[section].get(name)
                 report["summary"][label] = summarize(label, records[label], settings) | {"config_path": shown_path(path)}
         report["comparisons"] = comparisons(report["summary"])
+        report["targets"] = targets(report["summary"], report["paper_dataset"])
         report["wall_seconds"] = time.perf_counter() - started
         write_json_atomic(args.out, report, sort_keys=False)
         write_text_atomic(args.out.with_suffix(".md"), render_markdown(report))
