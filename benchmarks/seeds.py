@@ -226,7 +226,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("paper_dataset") in DATASET_NOTES:
         lines += [f"**Note:** {DATASET_NOTES[report['paper_dataset']]}", ""]
-    paper = PAPER.get(report.get("paper_dataset") or "", {})
+    # The paper's numbers stand beside ours only on the paper's version of a dataset.
+    paper = {} if report.get("paper_dataset") in DATASET_NOTES else PAPER.get(report.get("paper_dataset") or "", {})
     titles = {
         "paper": "Protocol 1, the paper's: full ranking over all items",
         "exclude_history": "Protocol 2: full ranking without each user's history items (not comparable with protocol 1 or the paper)",
