@@ -112,11 +112,16 @@ def portable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg | {"run": {k: v for k, v in cfg["run"].items() if k != "storage_path"}}
 
 
+def archive_path(archive: Path, cfg: dict[str, Any]) -> Path:
+    """Where the archive keeps this run's record."""
+    return archive / f"{cfg['run']['name']}.json"
+
+
 def archived_record(archive: Path | None, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The archived record of this run (None when there is none, or it is of another config)."""
     if archive is None:
         return None
-    path = archive / f"{cfg['run']['name']}.json"
+    path = archive_path(archive, cfg)
     if not path.is_file():
         return None
     try:
@@ -132,7 +137,7 @@ def archived_record(archive: Path | None, cfg: dict[str, Any]) -> dict[str, Any]
 def archive_record(archive: Path, cfg: dict[str, Any], record: dict[str, Any]) -> None:
     """Keep a finished run's record (as reported, with its portable config) in the archive."""
     keep = {k: v for k, v in record.items() if k not in ("reused", "archived", "wall_seconds_this_session")}
-    write_json_atomic(archive / f"{cfg['run']['name']}.json", keep | {"config": portable_config(cfg)})
+    write_json_atomic(archive_path(archive, cfg), keep | {"config": portable_config(cfg)})
 
 
 def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -224,10 +229,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
     ]
-    if report.get("paper_dataset") in DATASET_NOTES:
-        lines += [f"**Note:** {DATASET_NOTES[report['paper_dataset']]}", ""]
+    note = DATASET_NOTES.get(report.get("paper_dataset") or "")
+    if note:
+        lines += [f"**Note:** {note}", ""]
     # The paper's numbers stand beside ours only on the paper's version of a dataset.
-    paper = {} if report.get("paper_dataset") in DATASET_NOTES else PAPER.get(report.get("paper_dataset") or "", {})
+    paper = {} if note else PAPER.get(report.get("paper_dataset") or "", {})
     titles = {
         "paper": "Protocol 1, the paper's: full ranking over all items",
         "exclude_history": "Protocol 2: full ranking without each user's history items (not comparable with protocol 1 or the paper)",
@@ -243,11 +249,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             if with_paper:
                 ref = paper.get(s["model"])
                 test = s["test"][protocol]
-                if ref and test["hr@10"]["n"]:
-                    gap = [relative(test[m]["mean"], r) for m, r in zip(("hr@10", "ndcg@10"), ref)]
-                    cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}", f"{gap[0]:+.1%}, {gap[1]:+.1%}"]
+                if not ref:
+                    cells += ["–", "–", "–"]
                 else:
-                    cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}", "–"] if ref else ["–", "–", "–"]
+                    gap = [relative(test[m]["mean"], r) for m, r in zip(("hr@10", "ndcg@10"), ref)]
+                    cells += [f"{ref[0]:.4f}", f"{ref[1]:.4f}", f"{gap[0]:+.1%}, {gap[1]:+.1%}" if test["hr@10"]["n"] else "–"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Runs", "", "| config | seed | epochs run | best epoch | valid NDCG@10 | s / epoch |", "|---|---|---|---|---|---|"]
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             record_file = run_dir / "table2-run.json"
             archived = archived_record(args.archive, cfg)
             if archived is not None and not record_file.is_file():  # finished on another machine
-                same_dataset(args.archive / f"{run_dir.name}.json", archived)
+                same_dataset(archive_path(args.archive, cfg), archived)
                 record = {k: v for k, v in archived.items() if k != "config"} | {"label": label, "archived": True}
             elif args.report_only:
                 if not record_file.is_file():

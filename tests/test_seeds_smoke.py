@@ -178,7 +178,7 @@ def test_seeds_archive_keeps_finished_runs_for_another_machine(tmp_path):
     assert not (tmp_path / "machine3").exists()
     assert "records (config, validation history, test metrics): `repo/archive/<run>.json`" in out.with_suffix(".md").read_text()
 
-    # a record of another config is not this run's: reported as not finished, trained when training
+    # a record of another config is not this run's: reported as not finished
     _run(*base, "--seeds", "1", "--set", "train.lr=0.004", "--runs", str(tmp_path / "machine4"), "--report-only")
     assert json.loads(out.read_text())["pending"] == ["echo-seed1"]
     # a damaged record: an error naming it, no report written over the one before
