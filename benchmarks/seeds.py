@@ -35,6 +35,14 @@ and never mixed:
   `evaluate_model`, as `echomamba evaluate --exclude-history`).
 Both are evaluated once per run and kept in its directory (`protocols.json`).
 
+`--deadline TIME` (ISO 8601, UTC unless it names a zone, or HH:MM for today in UTC) starts no run
+expected to end after TIME, for machines lent for a fixed time: a run cut off by the machine's end
+is lost there. A run's expected time is the longest training time (`train_seconds`: its epochs,
+validation included) of the same config's finished runs (other seeds, here or in the archive);
+the time its test scoring takes is not in it, so leave a margin. A run with no such estimate (the
+config's first) starts whenever it is reached before TIME; a run that would not end in time is
+listed as not started, and the next run is considered. A finished run is always reused.
+
 Writes `--out` (JSON: the command, commit, hardware, each config's settings, every run, mean and
 sample standard deviation over seeds per protocol, comparisons) and a markdown table beside it
 (same stem, `.md`), both replaced atomically: after every run while training, once at the end with
@@ -49,6 +57,7 @@ import json
 import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +147,39 @@ def archive_record(archive: Path, cfg: dict[str, Any], record: dict[str, Any]) -
     """Keep a finished run's record (as reported, with its portable config) in the archive."""
     keep = {k: v for k, v in record.items() if k not in ("reused", "archived", "wall_seconds_this_session")}
     write_json_atomic(archive_path(archive, cfg), keep | {"config": portable_config(cfg)})
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> datetime:
+    """`--deadline`: ISO 8601 (UTC unless it names a zone) or HH:MM (today, UTC) -> an aware datetime."""
+    now = now or datetime.now(timezone.utc)
+    try:
+        if len(text) <= 5 and ":" in text:
+            hour, minute = (int(part) for part in text.split(":"))
+            return now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time (e.g. 2026-12-02T17:00) or HH:MM in UTC, got {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def expected_seconds(finished_runs: list[dict[str, Any]]) -> float | None:
+    """The longest training time among a config's finished runs (None: no run has finished)."""
+    seconds = [r["train_seconds"] for r in finished_runs if r.get("train_seconds") is not None]
+    return max(seconds) if seconds else None
+
+
+def too_late(deadline: datetime | None, expected: float | None, now: datetime) -> str | None:
+    """Why a run expected to take `expected` seconds must not start at `now` (None: it may)."""
+    if deadline is None:
+        return None
+    left = (deadline - now).total_seconds()
+    if left <= 0:
+        return f"the deadline {deadline:%Y-%m-%dT%H:%MZ} has passed"
+    if expected is not None and expected > left:
+        return (f"expected to take {expected / 60:.0f} min, {left / 60:.0f} min left before the deadline "
+                f"{deadline:%Y-%m-%dT%H:%MZ}")
+    return None
 
 
 def protocol_metrics(run_dir: Path, paper_test: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -302,6 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--archive", type=Path, default=None, metavar="DIR",
                         help="keep each finished run's record in DIR (in the repository); a run archived "
                              "with the same config is not trained again")
+    parser.add_argument("--deadline", type=parse_deadline, default=None, metavar="TIME",
+                        help="start no run expected to end after TIME (ISO 8601 or HH:MM, UTC)")
     return parser.parse_args(argv)
 
 
@@ -379,6 +423,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 record = finished(run_dir, label, record)
             else:
+                done = record_file.is_file() and json.loads(record_file.read_text(encoding="utf-8")).get("config") == cfg
+                if not done:
+                    others = records.get(label, []) + [
+                        r for s in args.seeds if s != seed
+                        if (r := archived_record(args.archive, seed_config(base, label, s, runs_dir))) is not None]
+                    why = too_late(args.deadline, expected_seconds(others), datetime.now(timezone.utc))
+                    if why:
+                        print(f"not started: {label} seed {seed} ({why})", flush=True)
+                        report["pending"].append(f"{cfg['run']['name']} (not started: {why})")
+                        continue
                 print(f"=== {label} seed {seed} ({run_dir.name})", flush=True)
                 try:
                     trained = train_one(cfg, fresh=False)

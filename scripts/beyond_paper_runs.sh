@@ -24,7 +24,8 @@
 # Environment: RUNS (run directories and logs, outside the repository; default ../runs beside
 # the checkout), STUDY_SRC (the checkout the study runs from: a study resumes only with the code
 # that started it; default this checkout), SEEDS (default "1 2 3"), PYTHON, MLFLOW_TRACKING_URI
-# (default sqlite in RUNS).
+# (default sqlite in RUNS), DEADLINE (on a machine lent for a fixed time: the workers start no run
+# expected to end after it, benchmarks/seeds.py --deadline; e.g. DEADLINE=17:00, UTC).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
@@ -60,7 +61,7 @@ seeds_py() {  # seeds_py LOG SEEDS DATA RUNS_SUBDIR OUT [ARGS...]: benchmarks/se
     --runs "$RUNS/seeds/$sub" --archive "$RESULTS/seeded-runs/$sub" --dataset-name "amazon-$sub" --out "$out" "$@"
 }
 seeds() {  # seeds SEEDS DATA RUNS_SUBDIR STEM [--config ...]: train these configs x SEEDS (report in RUNS)
-  seeds_py "$3-$4.log" "$1" "$2" "$3" "$RUNS/seeds/$3-$4.json" "${@:5}"
+  seeds_py "$3-$4.log" "$1" "$2" "$3" "$RUNS/seeds/$3-$4.json" "${@:5}" ${DEADLINE:+--deadline "$DEADLINE"}
 }
 
 cd "$ROOT"

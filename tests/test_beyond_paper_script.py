@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "beyond_paper_runs.sh"
 
 
-def _dry_run(runs: Path, script: Path = SCRIPT) -> list[str]:
-    env = dict(os.environ, RUNS=str(runs), SEEDS="1 2", PYTHON="python")
+def _dry_run(runs: Path, script: Path = SCRIPT, **extra: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEADLINE"}  # only the one given
+    env.update(RUNS=str(runs), SEEDS="1 2", PYTHON="python", **extra)
     proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
@@ -83,3 +84,13 @@ def test_an_ended_search_needs_no_study_directory(tmp_path):
     assert not any("cli tune" in line or "study_report.py" in line for line in steps)
     assert "seeds.py" in steps[0] and "echomamba4rec-tuned=docs/results/tune-beauty-cpu/best.yaml" in steps[0]
     assert len(steps) == 9
+
+
+def test_a_deadline_reaches_the_workers_not_the_tables(tmp_path):
+    """DEADLINE (a machine lent for a fixed time): every training step starts no run expected to end
+    after it (seeds.py --deadline); the tables are written whatever the time."""
+    lines = [line for line in _dry_run(tmp_path / "runs", DEADLINE="17:00") if "seeds.py" in line]
+    training = [line for line in lines if "--report-only" not in line]
+    assert len(training) == 6 and all(line.endswith(" --deadline 17:00") for line in training)
+    assert not any("--deadline" in line for line in lines if "--report-only" in line)
+    assert not any("--deadline" in line for line in _dry_run(tmp_path / "runs"))

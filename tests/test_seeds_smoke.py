@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,10 @@ def test_seeds_archive_keeps_finished_runs_for_another_machine(tmp_path):
     assert kept["protocols"] == first["runs"][0]["protocols"] and len(kept["valid_history"]) == kept["epochs_run"]
 
     # another machine, seeds 1 and 2: seed 1 comes from the archive (not trained, not scored), seed 2 trains
+    # (a deadline an hour away: seed 1's training time says seed 2 ends before it)
     machine2 = tmp_path / "machine2"
-    proc = _run(*base, "--seeds", "1", "2", "--runs", str(machine2))
+    later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    proc = _run(*base, "--seeds", "1", "2", "--runs", str(machine2), "--deadline", later)
     assert "=== echo seed 1" not in proc.stdout and "=== echo seed 2" in proc.stdout
     assert sorted(d.name for d in machine2.iterdir()) == ["echo-seed2"]
     report = json.loads(out.read_text())
