@@ -319,14 +319,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {c['entry']} vs {c['against']}, {c['protocol']}: HR@10 {d['hr@10']:+.4f}, "
                          f"NDCG@10 {d['ndcg@10']:+.4f} ({verdict})")
     if report.get("targets"):
-        lines += ["", "## Targets (the issue's; the paper's protocol, mean over the seeds)", "",
+        lines += ["", "## Targets (the paper's numbers that the issues set; the paper's protocol, mean over the seeds)", "",
                   "| model | metric | target | measured | difference | met |", "|---|---|---|---|---|---|"]
         for t in report["targets"]:
             measured = "–" if t["measured"] is None else f"{t['measured']:.4f}"
             diff = "–" if t["difference"] is None else f"{t['difference']:+.4f} ({t['relative']:+.1%})"
             met = "–" if t["met"] is None else ("yes" if t["met"] else "no")
             lines.append(f"| {DISPLAY[t['model']]} | {t['metric']} | ≥ {t['target']:.4f} | {measured} | {diff} | {met} |")
-    lines += ["", "† a run of this config reached its epoch limit before early stopping.", "Best epoch counts from 1."]
+    if not all(s["all_stopped_early"] for s in report["summary"].values()):
+        lines += ["", "† a run of this config reached its epoch limit before early stopping."]
+    lines += ["", "Best epoch counts from 1."]
     return "\n".join(lines) + "\n"
 
 

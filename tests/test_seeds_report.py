@@ -64,3 +64,13 @@ def test_another_version_of_the_dataset_is_noted_without_the_papers_numbers_or_t
     assert "**Note:** Our `amazon-video-games.txt` is a different version of the dataset than the paper's" in text
     assert "## Targets" not in text
     assert "paper HR@10" not in text and "vs paper" not in text  # models are compared with each other there
+
+
+def test_the_epoch_limit_mark_only_where_a_run_reached_it():
+    text = seeds.render_markdown(_report("amazon-beauty", _summary()))  # every run stopped early
+    assert "†" not in text and "Best epoch counts from 1." in text
+    capped = _record("sasrec", 2, (0.0740, 0.0360, 0.0240), (0.08, 0.05, 0.04)) | {"stopped_early": False}
+    summary = _summary() | {"sasrec": seeds.summarize("sasrec", [capped], {}) | {"config_path": "b.yaml"}}
+    text = seeds.render_markdown(_report("amazon-beauty", summary))
+    assert "| sasrec † | SASRec |" in text and "| tuned | EchoMamba4Rec |" in text
+    assert "† a run of this config reached its epoch limit before early stopping." in text
