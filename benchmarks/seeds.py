@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 record = finished(run_dir, label, record)
             else:
-                done = record_file.is_file() and json.loads(record_file.read_text(encoding="utf-8")).get("config") == cfg
-                if not done:
+                if args.deadline is not None and not (  # a run finished here is reused whatever the time
+                        record_file.is_file() and json.loads(record_file.read_text(encoding="utf-8")).get("config") == cfg):
                     others = records.get(label, []) + [
                         r for s in args.seeds if s != seed
                         if (r := archived_record(args.archive, seed_config(base, label, s, runs_dir))) is not None]
