@@ -391,6 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         return {k: v for k, v in record.items() if k != "config"} | {
             "label": label, "run_name": run_dir.name, "protocols": protocol_metrics(run_dir, record["test"])}
 
+    def too_late_to_start(label: str, seed: int, base: dict[str, Any]) -> str | None:
+        """Why this run must not start before `--deadline` (None: it may, or there is no deadline),
+        by the longest training time of its config's finished runs: here, or other seeds' in the archive."""
+        if args.deadline is None:
+            return None
+        others = records.get(label, []) + [
+            r for s in args.seeds if s != seed
+            if (r := archived_record(args.archive, seed_config(base, label, s, runs_dir))) is not None]
+        return too_late(args.deadline, expected_seconds(others), datetime.now(timezone.utc))
+
     def publish() -> None:
         report["summary"] = {}
         for label, path, base in configs:
@@ -411,30 +421,27 @@ def main(argv: list[str] | None = None) -> int:
             cfg = seed_config(base, label, seed, runs_dir)
             run_dir = runs_dir / cfg["run"]["name"]
             record_file = run_dir / "table2-run.json"
+            # the run directory's record: a run that finished on this machine (of this config or another)
+            here = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
             archived = archived_record(args.archive, cfg)
-            if archived is not None and not record_file.is_file():  # finished on another machine
+            if archived is not None and here is None:  # finished on another machine
                 same_dataset(archive_path(args.archive, cfg), archived)
                 record = {k: v for k, v in archived.items() if k != "config"} | {"label": label, "archived": True}
             elif args.report_only:
-                if not record_file.is_file():
+                if here is None:
                     report["pending"].append(cfg["run"]["name"])
                     continue
-                record = json.loads(record_file.read_text(encoding="utf-8"))
-                if record.get("config") != cfg:
+                if here.get("config") != cfg:
                     report["pending"].append(cfg["run"]["name"] + " (config changed)")
                     continue
-                record = finished(run_dir, label, record)
+                record = finished(run_dir, label, here)
             else:
-                if args.deadline is not None and not (  # a run finished here is reused whatever the time
-                        record_file.is_file() and json.loads(record_file.read_text(encoding="utf-8")).get("config") == cfg):
-                    others = records.get(label, []) + [
-                        r for s in args.seeds if s != seed
-                        if (r := archived_record(args.archive, seed_config(base, label, s, runs_dir))) is not None]
-                    why = too_late(args.deadline, expected_seconds(others), datetime.now(timezone.utc))
-                    if why:
-                        print(f"not started: {label} seed {seed} ({why})", flush=True)
-                        report["pending"].append(f"{cfg['run']['name']} (not started: {why})")
-                        continue
+                # a run finished here is reused whatever the time
+                why = too_late_to_start(label, seed, base) if (here or {}).get("config") != cfg else None
+                if why:
+                    print(f"not started: {label} seed {seed} ({why})", flush=True)
+                    report["pending"].append(f"{cfg['run']['name']} (not started: {why})")
+                    continue
                 print(f"=== {label} seed {seed} ({run_dir.name})", flush=True)
                 try:
                     trained = train_one(cfg, fresh=False)
