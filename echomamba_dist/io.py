@@ -48,7 +48,12 @@ def _make_parents(directory: Path) -> list[Path]:
     created: list[Path] = []
     try:
         for m in reversed(missing):
-            m.mkdir()
+            try:
+                m.mkdir()
+            except FileExistsError:
+                if m.is_dir():  # another process made it between the check and here
+                    continue
+                raise
             created.insert(0, m)
     except OSError as exc:
         _remove_dirs(created)
