@@ -49,7 +49,12 @@ step() {  # step LOG COMMAND...: run (or print) one step, its output appended to
   local log="$1"; shift
   if [[ $DRY_RUN == 1 ]]; then echo "$*"; return; fi
   echo "[$(date -u +%FT%TZ)] $*" | tee -a "$RUNS/$log"
-  "$@" >> "$RUNS/$log" 2>&1
+  local rc=0
+  "$@" >> "$RUNS/$log" 2>&1 || rc=$?
+  if [[ $rc != 0 ]]; then  # said where the step was started (the worker stops; the script exits non-zero)
+    echo "[$(date -u +%FT%TZ)] failed (exit $rc), its output in $RUNS/$log: $1 ${2:-} ..." | tee -a "$RUNS/$log" >&2
+  fi
+  return "$rc"
 }
 
 seeds_py() {  # seeds_py LOG SEEDS DATA RUNS_SUBDIR OUT [ARGS...]: benchmarks/seeds.py, runs in RUNS/seeds/RUNS_SUBDIR

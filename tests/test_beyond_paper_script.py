@@ -94,3 +94,21 @@ def test_a_deadline_reaches_the_workers_not_the_tables(tmp_path):
     assert len(training) == 6 and all(line.endswith(" --deadline 17:00") for line in training)
     assert not any("--deadline" in line for line in lines if "--report-only" in line)
     assert not any("--deadline" in line for line in _dry_run(tmp_path / "runs"))
+
+
+def test_a_failed_step_says_which_and_where_its_output_is(tmp_path):
+    """A step that fails is named, with its exit status and its log under RUNS, in the script's
+    own output (not only in the step's log), and the script exits non-zero."""
+    script = _before_the_search(tmp_path)
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho 'cannot create the output directory' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "DEADLINE"}
+    env.update(RUNS=str(runs), PYTHON=str(fake))
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert proc.returncode == 3
+    assert f"failed (exit 3), its output in {runs}/prepare.log: {fake} -m ..." in proc.stderr
+    log = (runs / "prepare.log").read_text()
+    assert "cannot create the output directory" in log and "failed (exit 3)" in log
+    assert "seeds.py" not in proc.stdout  # nothing after the failed step
