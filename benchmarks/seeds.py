@@ -79,6 +79,21 @@ SHOWN_SETTINGS = ("model.name", "model.dropout", "train.lr", "train.weight_decay
                   "train.samples", "train.patience", "train.epochs", "data.max_len")
 
 
+# Sections whose keys name a run or where it is tracked, not how it trains.
+UNSHOWN_SECTIONS = ("run", "tracking")
+
+
+def shown_settings(bases: list[dict[str, Any]]) -> list[str]:
+    """The dotted keys a table shows: SHOWN_SETTINGS, then every other training key whose value
+    differs between the configs (so that two rows differing only in, say, `model.mask_prob` say so)."""
+    flat = [{f"{section}.{name}": value for section, values in base.items() if isinstance(values, dict)
+             and section not in UNSHOWN_SECTIONS for name, value in values.items()} for base in bases]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if k not in SHOWN_SETTINGS
+                 and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    return [*SHOWN_SETTINGS, *differing]
+
+
 def parse_config_arg(text: str) -> tuple[str | None, Path]:
     """`LABEL=PATH` or `PATH` -> (label or None, path)."""
     label, sep, path = text.partition("=")
@@ -406,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         for label, path, base in configs:
             if records.get(label):
                 settings = {}
-                for key in SHOWN_SETTINGS:
+                for key in shown_settings([b for _, _, b in configs]):
                     section, name = key.split(".")
-                    settings[key] = base[section].get(name)
+                    if key in SHOWN_SETTINGS or name in base[section]:  # a model's own keys: its rows only
+                        settings[key] = base[section].get(name)
                 report["summary"][label] = summarize(label, records[label], settings) | {"config_path": shown_path(path)}
         report["comparisons"] = comparisons(report["summary"])
         report["targets"] = targets(report["summary"], report["paper_dataset"])

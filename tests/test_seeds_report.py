@@ -74,3 +74,19 @@ def test_the_epoch_limit_mark_only_where_a_run_reached_it():
     text = seeds.render_markdown(_report("amazon-beauty", summary))
     assert "| sasrec † | SASRec |" in text and "| tuned | EchoMamba4Rec |" in text
     assert "† a run of this config reached its epoch limit before early stopping." in text
+
+
+def test_settings_show_every_key_that_differs_between_configs():
+    base = {"model": {"name": "bert4rec", "dropout": 0.2, "mask_prob": 0.2, "mask_last_prob": 0.5},
+            "train": {"lr": 0.001, "seed": 1}, "data": {"max_len": 50, "synthetic": {"n_users": 10}},
+            "run": {"name": "a"}, "tracking": {"experiment": "x"}}
+    last_only = {**base, "model": {**base["model"], "mask_last_prob": 1.0}, "run": {"name": "b"},
+                 "tracking": {"experiment": "y"}}
+    other_data = {**base, "data": {**base["data"], "synthetic": {"n_users": 20}}}
+    shown = seeds.shown_settings([base, last_only])
+    assert shown[:len(seeds.SHOWN_SETTINGS)] == list(seeds.SHOWN_SETTINGS)
+    assert shown[len(seeds.SHOWN_SETTINGS):] == ["model.mask_last_prob"]  # not run.name, not tracking
+    assert seeds.shown_settings([base, base]) == list(seeds.SHOWN_SETTINGS)
+    assert seeds.shown_settings([base, other_data])[len(seeds.SHOWN_SETTINGS):] == ["data.synthetic"]
+    sasrec = {**base, "model": {"name": "sasrec", "dropout": 0.2}}
+    assert seeds.shown_settings([base, sasrec])[len(seeds.SHOWN_SETTINGS):] == ["model.mask_last_prob", "model.mask_prob"]
