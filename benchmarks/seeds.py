@@ -85,12 +85,13 @@ UNSHOWN_SECTIONS = ("run", "tracking")
 
 def shown_settings(bases: list[dict[str, Any]]) -> list[str]:
     """The dotted keys a table shows: SHOWN_SETTINGS, then every other training key whose value
-    differs between the configs (so that two rows differing only in, say, `model.mask_prob` say so)."""
+    differs between two configs that both have it (so that two rows differing only in, say,
+    `model.mask_prob` say so; a key only some models have is not a difference)."""
     flat = [{f"{section}.{name}": value for section, values in base.items() if isinstance(values, dict)
              and section not in UNSHOWN_SECTIONS for name, value in values.items()} for base in bases]
     keys = sorted({k for f in flat for k in f})
     differing = [k for k in keys if k not in SHOWN_SETTINGS
-                 and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+                 and len({json.dumps(f[k], sort_keys=True) for f in flat if k in f}) > 1]
     return [*SHOWN_SETTINGS, *differing]
 
 
