@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-history", action="store_true", default=None, help="mask history items when ranking")
     p.add_argument("--ignore-fingerprint", action="store_true", default=None,
                    help="score a dataset other than the one trained on (same item count)")
+    p.add_argument("--weights", choices=["best", "checkpoint"],
+                   help="best (default): the best weights the checkpoint holds; checkpoint: its own epoch's")
     p.add_argument("--output", help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output (a report it wrote)")
 
@@ -235,11 +237,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from echomamba_dist.train.evaluate import evaluate_model
 
     job = load(EvaluateConfig, args.config, args.overrides, _flags(
-        args, "checkpoint", "data", "split", "exclude_history", "output", "ignore_fingerprint", "overwrite"))
+        args, "checkpoint", "data", "split", "exclude_history", "output", "ignore_fingerprint", "overwrite", "weights"))
     report_file = {"overwrite": job.overwrite, "owned": _is_evaluate_report, "what": "metrics report"}
     if job.output is not None:
         check_output_file(job.output, **report_file)  # before any work
-    loaded = load_model(job.checkpoint)
+    loaded = load_model(job.checkpoint, best=job.weights == "best")
     data = _eval_data(loaded, job.data, ignore_fingerprint=job.ignore_fingerprint)
     split = data.test if job.split == "test" else data.valid
     with _naming_checkpoint(loaded):
@@ -247,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             loaded.model, split, ks=loaded.config.train.ks, batch_size=loaded.config.train.eval_batch_size,
             device=torch.device("cpu"), exclude_history=job.exclude_history,
         )
-    report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, **metrics}
+    report = {"checkpoint": str(loaded.checkpoint_dir), "split": job.split, "weights": job.weights, **metrics}
     if job.output is not None:
         write_json_atomic(job.output, report, sort_keys=False, **report_file)  # the same text as printed
     print(json.dumps(report, indent=2))

@@ -515,6 +515,9 @@ class EvaluateConfig:
     output: str | None = None  # JSON file for the metrics (written atomically); None: printed only
     overwrite: bool = False  # replace an existing output, if it is a metrics report this project wrote
     ignore_fingerprint: bool = False  # score a dataset other than the one trained on (same item count)
+    # "best": the best weights the checkpoint holds (best validation so far); "checkpoint": the
+    # weights of the checkpoint's own epoch (e.g. how a later epoch scores on test)
+    weights: Literal["best", "checkpoint"] = "best"
 
     def __post_init__(self) -> None:
         if not self.checkpoint:

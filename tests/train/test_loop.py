@@ -254,7 +254,25 @@ def test_cli_train_evaluate_recommend(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--checkpoint", "runs/t"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["ndcg@10"] == pytest.approx(result["test"]["ndcg@10"], abs=1e-6)
-    assert scored["count"] == 200
+    assert scored["count"] == 200 and scored["weights"] == "best"
+
+    # --weights: a checkpoint holds its own epoch's weights and the best so far. A copy of the
+    # newest whose best weights are swapped for epoch 0's tells the two apart: each flag scores
+    # the validation its epoch's history records.
+    import shutil
+
+    checkpoints = sorted((tmp_path / "runs" / "t").glob("epoch_*"))
+    assert [c.name for c in checkpoints] == ["epoch_000000", "epoch_000001"]
+    history = json.loads((checkpoints[-1] / "meta.json").read_text())["history"]
+    assert history[0]["val_ndcg@10"] != pytest.approx(history[1]["val_ndcg@10"], abs=1e-6)  # two weights apart
+    mixed = shutil.copytree(checkpoints[-1], tmp_path / "mixed")
+    state = torch.load(mixed / "state.pt", weights_only=True)
+    state["best_model"] = torch.load(checkpoints[0] / "state.pt", weights_only=True)["model"]
+    torch.save(state, mixed / "state.pt")
+    for weights, epoch in (("checkpoint", 1), ("best", 0)):
+        assert main(["evaluate", "--checkpoint", str(mixed), "--split", "valid", "--weights", weights]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert scored["weights"] == weights and scored["ndcg@10"] == pytest.approx(history[epoch]["val_ndcg@10"], abs=1e-6)
 
     assert main(["recommend", "--checkpoint", "runs/t", "--output", "recs.parquet", "-k", "5"]) == 0
     assert "for 200 users" in capsys.readouterr().out
